@@ -1,0 +1,34 @@
+# Two commands set up a fresh machine (see README): `make demo` and `make test`.
+# CPU machines take the local CPU build of torch (TORCH=torch==2.13.0); on a GPU machine install your
+# own torch first and run with TORCH= (empty) so nothing is reinstalled.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test test-all install lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH) -e ".[test]"
+
+demo: install
+	$(BIN)/kaleido-s2v generate --prompt "the red striped circle moves to the left while the blue square bounces" \
+		--steps 8 --seed 0 -o demo.mp4
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/bench_transformer.py

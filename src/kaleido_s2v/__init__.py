@@ -1,0 +1,37 @@
+"""kaleido-s2v: multi-subject reference-to-video generation (Kaleido), diffusers-native.
+
+Public names are imported lazily so that `kaleido-s2v --help` and light tools stay fast.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "KaleidoTransformer3DModel": "kaleido_s2v.transformer",
+    "KaleidoRotaryPosEmbed": "kaleido_s2v.rope",
+    "REF_ROPE_VARIANTS": "kaleido_s2v.rope",
+    "token_positions": "kaleido_s2v.rope",
+    "KaleidoPipeline": "kaleido_s2v.pipeline",
+    "fit_reference": "kaleido_s2v.references",
+    "load_reference": "kaleido_s2v.references",
+    "official_sigmas": "kaleido_s2v.schedule",
+    "read_video": "kaleido_s2v.video_io",
+    "write_video": "kaleido_s2v.video_io",
+    "UserInputError": "kaleido_s2v.errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kaleido_s2v' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

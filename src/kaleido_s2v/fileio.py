@@ -1,0 +1,53 @@
+"""Atomic outputs: nothing half-written is ever left under the final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dst: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `dst`; rename it onto `dst` only if the block succeeds.
+
+    The temporary name keeps `dst`'s suffix (video writers pick the container from it). On error the
+    temporary file or folder is removed and `dst` is left untouched. For folders an existing `dst` is
+    replaced only after the new one is complete.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dst.stem}.tmp-"
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=dst.suffix, dir=dst.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir:
+            if dst.exists():
+                old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dst)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+def write_text_atomic(dst: str | os.PathLike, text: str) -> None:
+    with atomic_path(dst) as tmp:
+        tmp.write_text(text, encoding="utf-8")
