@@ -1,0 +1,58 @@
+"""Reading, validating and fitting reference images (the official `new_straetgy` preprocessing)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import UserInputError
+
+ReferenceImage = Image.Image | str | os.PathLike | np.ndarray
+
+
+def load_reference(image: ReferenceImage, name: str = "reference image") -> Image.Image:
+    """A PIL RGB image from a PIL image, a path, or an array (H, W, 3) uint8 / floats in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise UserInputError(f"{name} '{path}' does not exist: check the path")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise UserInputError(f"{name} '{path}' is not a readable image ({e}): give a PNG/JPEG/WebP file") from e
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise UserInputError(f"{name} array has shape {arr.shape}: give (H, W, 3) RGB")
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(arr[..., :3], "RGB")
+    raise UserInputError(f"{name} has unsupported type {type(image).__name__}: give a PIL image, a path or an array")
+
+
+def fit_reference(image: ReferenceImage, height: int, width: int) -> Image.Image:
+    """Fit inside (height, width) keeping the aspect ratio, then pad white, centred — as the release does.
+
+    r = W_img / H_img against width / height: the limiting side is set to the target and the other is
+    `int()`-truncated; resampling is LANCZOS; padding (left, top) = (Δw // 2, Δh // 2) with (255, 255, 255).
+    """
+    img = load_reference(image)
+    w_img, h_img = img.size
+    if w_img / h_img > width / height:
+        new_w, new_h = width, int(width / (w_img / h_img))
+    else:
+        new_h, new_w = height, int(height * (w_img / h_img))
+    new_w, new_h = max(new_w, 1), max(new_h, 1)
+    img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(img, ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas

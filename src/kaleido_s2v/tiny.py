@@ -1,0 +1,94 @@
+"""Tiny components of the real classes (random weights, no download), for tests, benchmarks and demos.
+
+Every model here is the class the real model uses — `UMT5EncoderModel`, `AutoencoderKLWan`,
+`KaleidoTransformer3DModel`, `FlowMatchEulerDiscreteScheduler` — at a size that runs in milliseconds.
+The tokenizer is `ByT5Tokenizer()`, which is byte-level and needs no vocabulary file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TINY_TEXT_DIM = 32
+
+
+def tiny_transformer_config(**overrides: Any) -> dict[str, Any]:
+    config = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=TINY_TEXT_DIM,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        rope_max_seq_len=32,
+        ref_rope="shift_hw",
+        ref_rope_offset=80,
+    )
+    config.update(overrides)
+    return config
+
+
+def tiny_transformer(seed: int = 0, **overrides: Any):
+    from .transformer import KaleidoTransformer3DModel
+
+    torch.manual_seed(seed)
+    return KaleidoTransformer3DModel(**tiny_transformer_config(**overrides))
+
+
+def tiny_vae(seed: int = 0, base_dim: int = 3):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    # z_dim 16 keeps Wan's 16 latents_mean/std; spatial stride 8, temporal stride 4 as the real VAE.
+    return AutoencoderKLWan(
+        base_dim=base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+
+
+def tiny_text_encoder(seed: int = 0, d_model: int = TINY_TEXT_DIM):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=384,  # ByT5Tokenizer's size
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def tiny_tokenizer():
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def tiny_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=7.0)
+
+
+def tiny_components(seed: int = 0, **transformer_overrides: Any) -> dict[str, Any]:
+    """Components for `KaleidoPipeline(**tiny_components())`."""
+    return dict(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_text_encoder(seed),
+        vae=tiny_vae(seed),
+        transformer=tiny_transformer(seed, **transformer_overrides),
+        scheduler=tiny_scheduler(),
+    )
