@@ -1,0 +1,213 @@
+"""Which folder is which: official Kaleido release, original Wan2.1 release, or a diffusers pipeline.
+
+`detect_source` validates a release folder and returns a `SourceLayout` naming every file the converter will
+read; a missing or malformed folder is a `UserInputError` that says which files were expected where.
+`resolve_model_dir` is what `KaleidoPipeline.from_pretrained` / `kaleido-s2v generate --model` call to accept an
+official folder directly (convert into a cache folder, or stop with the exact `convert` command).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserInputError
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+# Official Kaleido-14B-S2V release (reference/kaleido-official.md §5.1)
+OFFICIAL_LATEST = "model/latest"
+OFFICIAL_MODEL_STATES = "model/{iteration}/mp_rank_00_model_states.pt"
+VAE_FILE = "Wan2.1_VAE.pth"
+OFFICIAL_T5_DIR = "umt5-xxl"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+# Original Wan2.1 release (e.g. Wan2.1-T2V-14B): DiT safetensors shards + the same VAE/T5 files
+WAN_SHARD_GLOB = "diffusion_pytorch_model*.safetensors"
+WAN_TOKENIZER_DIR = "google/umt5-xxl"
+# Files that make a folder loadable by AutoTokenizer (umT5 ships a sentencepiece model and/or tokenizer.json)
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json")
+
+OFFICIAL_TREE = (
+    f"{OFFICIAL_LATEST} (text: iteration), {OFFICIAL_MODEL_STATES.format(iteration='<iteration>')}, "
+    f"{VAE_FILE}, {OFFICIAL_T5_DIR}/{T5_FILE} + tokenizer files"
+)
+WAN_TREE = f"{WAN_SHARD_GLOB} (+ .index.json), {VAE_FILE}, {T5_FILE}, {WAN_TOKENIZER_DIR}/ tokenizer files"
+
+
+@dataclass
+class SourceLayout:
+    """The files of one release folder that the converter reads (None where a component is not requested)."""
+
+    root: Path
+    format: str  # "official" | "wan"
+    transformer_files: list[Path] = field(default_factory=list)
+    vae_file: Path | None = None
+    t5_file: Path | None = None
+    tokenizer_dir: Path | None = None
+    iteration: str | None = None
+
+    def files(self) -> list[Path]:
+        out = list(self.transformer_files)
+        out += [p for p in (self.vae_file, self.t5_file) if p is not None]
+        if self.tokenizer_dir is not None:
+            out += sorted(p for p in self.tokenizer_dir.iterdir() if p.is_file() and p.suffix != ".pth")
+        return out
+
+
+def is_diffusers_pipeline(path: str | os.PathLike) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def _looks_official(root: Path) -> bool:
+    return (root / "model").is_dir() or (root / OFFICIAL_T5_DIR).is_dir()
+
+
+def _looks_wan(root: Path) -> bool:
+    return any(root.glob(WAN_SHARD_GLOB))
+
+
+def guess_format(root: str | os.PathLike) -> str | None:
+    """'official', 'wan' or None (neither), from the folder's file names only."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    if _looks_official(root):
+        return "official"
+    if _looks_wan(root):
+        return "wan"
+    return None
+
+
+def _parse_components(only) -> tuple[str, ...]:
+    if only is None:
+        return COMPONENTS
+    if isinstance(only, str):
+        only = [s.strip() for s in only.split(",") if s.strip()]
+    bad = [c for c in only if c not in COMPONENTS]
+    if bad or not only:
+        raise UserInputError(f"--only {','.join(only)}: choose a comma-separated subset of {','.join(COMPONENTS)}")
+    return tuple(c for c in COMPONENTS if c in only)
+
+
+def _tokenizer_ok(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def detect_source(src: str | os.PathLike, only=None, src_format: str = "auto") -> SourceLayout:
+    """Validate a release folder and return its `SourceLayout`; `UserInputError` names every missing file."""
+    root = Path(src).expanduser()
+    components = _parse_components(only)
+    if not root.is_dir():
+        raise UserInputError(f"--src {root}: no such folder; expected an official Kaleido release ({OFFICIAL_TREE})")
+    if (root / "latest").is_file() and (root.parent / OFFICIAL_LATEST).is_file():
+        raise UserInputError(f"--src {root}: this is the release's model/ folder; pass its parent {root.parent}")
+    fmt = guess_format(root) if src_format == "auto" else src_format
+    if fmt not in ("official", "wan"):
+        if is_diffusers_pipeline(root):
+            raise UserInputError(f"--src {root}: already a diffusers pipeline folder (model_index.json); no conversion")
+        raise UserInputError(
+            f"--src {root}: not a Kaleido release (expected {OFFICIAL_TREE}) nor a Wan2.1 release (expected {WAN_TREE})"
+        )
+
+    layout = SourceLayout(root=root, format=fmt)
+    missing: list[str] = []
+    if fmt == "official":
+        t5_dir = root / OFFICIAL_T5_DIR
+        tok_dir = t5_dir
+        if "transformer" in components:
+            latest = root / OFFICIAL_LATEST
+            if not latest.is_file():
+                missing.append(f"{latest} (a text file with the iteration number)")
+            else:
+                iteration = latest.read_text(encoding="utf-8", errors="replace").strip()
+                states = root / OFFICIAL_MODEL_STATES.format(iteration=iteration)
+                if not iteration or "/" in iteration or not states.is_file():
+                    missing.append(f"{states} (named by {latest}: {iteration!r})")
+                else:
+                    layout.iteration = iteration
+                    layout.transformer_files = [states]
+    else:
+        t5_dir = root
+        tok_dir = root / WAN_TOKENIZER_DIR
+        if "transformer" in components:
+            shards = sorted(root.glob(WAN_SHARD_GLOB))
+            if not shards:
+                missing.append(f"{root}/{WAN_SHARD_GLOB}")
+            layout.transformer_files = shards
+    if "vae" in components:
+        layout.vae_file = root / VAE_FILE
+        if not layout.vae_file.is_file():
+            missing.append(str(layout.vae_file))
+    if "text_encoder" in components:
+        layout.t5_file = t5_dir / T5_FILE
+        if not layout.t5_file.is_file():
+            missing.append(str(layout.t5_file))
+    if "tokenizer" in components:
+        layout.tokenizer_dir = tok_dir
+        if not _tokenizer_ok(tok_dir):
+            missing.append(f"{tok_dir}/ with tokenizer files ({' or '.join(TOKENIZER_FILES)})")
+    if missing:
+        what = "official Kaleido release" if fmt == "official" else "Wan2.1 release"
+        raise UserInputError(
+            f"--src {root}: incomplete {what}; missing {'; '.join(missing)} "
+            "(use --only to convert a subset of transformer,vae,text_encoder,tokenizer)"
+        )
+    return layout
+
+
+def source_fingerprint(layout: SourceLayout) -> str:
+    """A short hash of the iteration and every source file's relative path and size (cache key)."""
+    h = hashlib.sha256()
+    h.update(f"{layout.format}:{layout.iteration}".encode())
+    for p in layout.files():
+        h.update(f"\n{p.relative_to(layout.root)}:{p.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("KALEIDO_S2V_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kaleido-s2v" / "converted"
+
+
+def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache_dir=None) -> Path:
+    """Return a diffusers pipeline folder for `path`.
+
+    - a diffusers pipeline folder (has `model_index.json`) is returned as is;
+    - an official Kaleido (or original Wan2.1) release is converted into
+      `<cache_dir>/<name>-<fingerprint>` when `auto_convert` (reused if already there; the cache root is
+      `$KALEIDO_S2V_CACHE` or `~/.cache/kaleido-s2v/converted`), else `UserInputError` gives the exact
+      `kaleido-s2v convert` command;
+    - anything else is a `UserInputError` naming what was expected.
+    """
+    root = Path(path).expanduser()
+    if is_diffusers_pipeline(root):
+        return root
+    if not root.is_dir():
+        raise UserInputError(
+            f"{root}: no such folder; expected a diffusers pipeline folder (with model_index.json) "
+            f"or an official Kaleido release ({OFFICIAL_TREE})"
+        )
+    if guess_format(root) is None:
+        raise UserInputError(
+            f"{root}: not a model folder; expected a diffusers pipeline folder (with model_index.json), "
+            f"an official Kaleido release ({OFFICIAL_TREE}) or a Wan2.1 release ({WAN_TREE})"
+        )
+    layout = detect_source(root)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    dst = cache_root / f"{root.resolve().name}-{source_fingerprint(layout)}"
+    if is_diffusers_pipeline(dst):
+        return dst
+    if not auto_convert:
+        raise UserInputError(
+            f"{root} is an official release, not a diffusers folder; convert it once with: "
+            f"kaleido-s2v convert --src {shlex.quote(str(root))} --dst {shlex.quote(str(dst))}"
+        )
+    from .convert import convert
+
+    print(f"kaleido-s2v: converting {root} into {dst} (one time; reused afterwards)", file=sys.stderr)
+    convert(layout, dst, progress=True)
+    return dst
