@@ -87,14 +87,11 @@ class KaleidoRotaryPosEmbed(nn.Module):
 
     def _axis(self, pos: torch.Tensor, dim: int, freqs_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles for the distinct positions only (a few hundred at most), then gathered per token.
-        lo = int(pos.min())
-        hi = int(pos.max())
-        t = torch.arange(lo, hi + 1, device=pos.device)
+        uniq, idx = torch.unique(pos, return_inverse=True)
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=freqs_dtype, device=pos.device)[: dim // 2] / dim))
-        angles = torch.outer(t, inv_freq)  # (hi-lo+1, dim/2), float64 as in get_1d_rotary_pos_embed
+        angles = torch.outer(uniq, inv_freq)  # (U, dim/2), float64 as in get_1d_rotary_pos_embed
         cos = angles.cos().repeat_interleave(2, dim=1).float()
         sin = angles.sin().repeat_interleave(2, dim=1).float()
-        idx = pos - lo
         return cos[idx], sin[idx]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
