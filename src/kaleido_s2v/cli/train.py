@@ -1,0 +1,145 @@
+"""`kaleido-s2v train`: flow-matching fine-tuning (full or LoRA), one process or torchrun (FSDP2 + context parallel).
+
+Examples:
+  kaleido-s2v train --model Kaleido-14B-diffusers --data data/ --output runs/a --max-steps 5000
+  torchrun --nproc_per_node 8 -m kaleido_s2v train --config examples/train_config.yaml
+  kaleido-s2v train --model M --data D --cache-dir cache/ --build-cache     # encode once, then train with --cache-dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# flag dest -> (config section, field)
+FLAG_FIELDS = {
+    "model": ("model", "path"),
+    "ref_rope": ("model", "ref_rope"),
+    "ref_rope_offset": ("model", "ref_rope_offset"),
+    "data": ("data", "path"),
+    "height": ("data", "height"),
+    "width": ("data", "width"),
+    "num_frames": ("data", "num_frames"),
+    "fps": ("data", "fps"),
+    "max_references": ("data", "max_references"),
+    "text_dropout": ("data", "text_dropout"),
+    "reference_dropout": ("data", "reference_dropout"),
+    "max_sequence_length": ("data", "max_sequence_length"),
+    "cache_dir": ("data", "cache_dir"),
+    "num_workers": ("data", "num_workers"),
+    "lr": ("optim", "lr"),
+    "weight_decay": ("optim", "weight_decay"),
+    "grad_clip": ("optim", "grad_clip"),
+    "warmup_steps": ("optim", "warmup_steps"),
+    "cp_degree": ("parallel", "cp_degree"),
+    "gradient_checkpointing": ("parallel", "gradient_checkpointing"),
+    "mixed_precision": ("parallel", "mixed_precision"),
+    "lora_rank": ("lora", "rank"),
+    "lora_alpha": ("lora", "alpha"),
+    "output": ("run", "output"),
+    "max_steps": ("run", "max_steps"),
+    "batch_size": ("run", "batch_size"),
+    "grad_accum": ("run", "grad_accum"),
+    "seed": ("run", "seed"),
+    "save_every": ("run", "save_every"),
+    "resume": ("run", "resume"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from kaleido_s2v.rope import REF_ROPE_VARIANTS
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n", 2)[2]
+    g = parser.add_argument_group("config (flags override the YAML, the YAML overrides the recipe)")
+    g.add_argument("--config", help="YAML file with sections model/data/optim/parallel/lora/run (see examples/)")
+    g.add_argument("--recipe", help="named base config: default, wan14b_fsdp8, wan14b_fsdp8_cp2, wan14b_lora, toy_cpu, ...")
+    g = parser.add_argument_group("inputs and outputs")
+    g.add_argument("--model", help="diffusers pipeline folder (transformer/ vae/ text_encoder/ tokenizer/)")
+    g.add_argument("--data", help="folder (videos/ labels/ references/) or manifest.jsonl")
+    g.add_argument("--output", help="run folder: metrics.jsonl, checkpoint-<step>/, final/")
+    g.add_argument("--resume", help="checkpoint-<step> folder to continue from, or 'latest'")
+    g.add_argument("--cache-dir", help="latent cache folder (train from it; write it with --build-cache)")
+    g.add_argument("--build-cache", action="store_true", help="encode the data into --cache-dir and exit")
+    g = parser.add_argument_group("data")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--num-frames", type=int, help="4k+1 frames per clip (81)")
+    g.add_argument("--fps", type=float, help="frames are resampled to exactly this rate (16)")
+    g.add_argument("--max-references", type=int, help="references per sample (3)")
+    g.add_argument("--text-dropout", type=float, help="probability of an empty caption (0.1)")
+    g.add_argument("--reference-dropout", type=float, help="probability of training without references (0)")
+    g.add_argument("--max-sequence-length", type=int, help="T5 tokens (512)")
+    g.add_argument("--num-workers", type=int, help="data loader worker processes (0)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int)
+    g.add_argument("--lr", type=float, help="AdamW learning rate (5e-6)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--grad-clip", type=float, help="gradient-norm clip (1.0; 0 = off)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (50)")
+    g.add_argument("--batch-size", type=int, help="samples per data-parallel rank and micro-step")
+    g.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    g = parser.add_argument_group("model and scale")
+    g.add_argument("--lora-rank", type=int, help="0 = full fine-tune; >0 = LoRA on attention and FFN projections")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
+    g.add_argument("--ref-rope", choices=list(REF_ROPE_VARIANTS), help="train this R-RoPE variant")
+    g.add_argument("--ref-rope-offset", type=int, help="R-RoPE spatial offset (80)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--mixed-precision", choices=["bf16", "fp32"])
+    g.add_argument("--cp-degree", type=int, help="context-parallel group size under torchrun (1)")
+    g = parser.add_argument_group("reporting")
+    g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace):
+    from kaleido_s2v.training.config import default, load_config, recipe
+
+    if args.config:
+        cfg = load_config(args.config)
+        if args.recipe:
+            from kaleido_s2v.errors import UserInputError
+
+            raise UserInputError("give --recipe or --config (a config may name its base with `recipe:`), not both")
+    else:
+        cfg = recipe(args.recipe) if args.recipe else default()
+    for dest, (section, name) in FLAG_FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from kaleido_s2v.errors import UserInputError
+    from kaleido_s2v.training import trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = config_from_args(args)
+    if not cfg.model.path:
+        raise UserInputError("--model is required: give a diffusers pipeline folder")
+    if not cfg.data.path:
+        raise UserInputError("--data is required: give a data folder or a manifest.jsonl")
+    try:
+        if args.build_cache:
+            summary = trainer.build_cache(cfg.validate(), progress=not args.no_progress)
+        else:
+            summary = trainer.train(cfg, progress=not args.no_progress)
+    finally:
+        trainer.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.json:
+            print(json.dumps(summary))
+        elif args.build_cache:
+            print(f"cache: {summary['written']} written, {summary['already_cached']} already there, "
+                  f"{len(summary['bad'])} unreadable -> {summary['cache_dir']}", file=sys.stderr)
+        else:
+            print(f"trained {summary['steps']} steps, last loss {summary['last'].get('loss', float('nan')):.4f}; "
+                  f"final weights in {summary['final']}", file=sys.stderr)
+    return 0

@@ -1,0 +1,449 @@
+"""The training loop: load the pipeline folder's components, parallelise, train, checkpoint, resume, export.
+
+Outputs under `run.output`:
+  metrics.jsonl             one JSON object per optimizer step (step, loss, lr, grad_norm, samples_per_s, ...)
+  checkpoint-<step>/        torch.distributed.checkpoint shards (model + optimizer), config.yaml, trainer_state.json
+  final/                    full: final/transformer/ (diffusers); LoRA: pytorch_lora_weights.safetensors
+  tensorboard/              when the tensorboard package is installed
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserInputError
+from .config import TrainConfig
+from .data import CachedDataset, VideoDataset, discover_samples, slot_generator
+from .objective import flow_matching_loss, resolution_shift, sample_noise_and_sigma
+from .parallelize import (
+    Runtime,
+    apply_activation_checkpointing,
+    apply_context_parallel,
+    apply_fsdp,
+    init_runtime,
+)
+
+logger = logging.getLogger(__name__)
+
+COMPONENT_FILES = {
+    "transformer": "config.json + diffusion_pytorch_model*.safetensors",
+    "vae": "config.json + diffusion_pytorch_model*.safetensors",
+    "text_encoder": "config.json + model*.safetensors",
+    "tokenizer": "tokenizer files",
+}
+
+
+# ---------------------------------------------------------------------------------------------- components
+def check_model_dir(path: str | os.PathLike, need_transformer: bool = True) -> Path:
+    root = Path(path)
+    if not root.is_dir():
+        raise UserInputError(f"--model '{root}' is not a folder: give a diffusers pipeline folder (model_index.json, ...)")
+    wanted = [c for c in COMPONENT_FILES if need_transformer or c != "transformer"]
+    missing = [c for c in wanted if not (root / c).is_dir()]
+    if missing:
+        raise UserInputError(
+            f"--model '{root}' lacks {', '.join(f'{c}/ ({COMPONENT_FILES[c]})' for c in missing)}: "
+            "give a diffusers pipeline folder (see `kaleido-s2v convert`)"
+        )
+    return root
+
+
+def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
+    """Tokenizer, text encoder and VAE (frozen, eval). The VAE stays fp32."""
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = check_model_dir(model_dir, need_transformer=False)
+    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype).to(device).eval()
+    vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
+    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
+
+
+def load_transformer(model_dir, ref_rope: str | None = None, ref_rope_offset: int | None = None):
+    """KaleidoTransformer3DModel (fp32 master weights) from `model_dir/transformer`; Wan2.1 folders load too."""
+    from ..transformer import KaleidoTransformer3DModel
+
+    overrides = {}
+    if ref_rope is not None:
+        overrides["ref_rope"] = ref_rope
+    if ref_rope_offset is not None:
+        overrides["ref_rope_offset"] = ref_rope_offset
+    root = check_model_dir(model_dir)
+    return KaleidoTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=torch.float32, **overrides)
+
+
+@torch.no_grad()
+def encode_batch(items: list[dict], frozen: dict, cfg: TrainConfig, device) -> list[dict]:
+    """Pixels/captions/reference images -> latents, text states and one latent frame per reference."""
+    from ..latents import encode_references, encode_video
+    from ..text import encode_text
+
+    if "latents" in items[0]:  # from the latent cache
+        return [dict(latents=it["latents"].to(device).float(), text=it["text"].to(device).float(),
+                     ref_latents=[r.to(device).float() for r in it["ref_latents"]], slot=it["slot"]) for it in items]
+    d = cfg.data
+    text = encode_text(frozen["tokenizer"], frozen["text_encoder"], [it["caption"] for it in items],
+                       max_sequence_length=d.max_sequence_length, device=device, dtype=torch.float32)
+    out = []
+    for i, it in enumerate(items):
+        latents = encode_video(frozen["vae"], it["pixels"][None].to(device))[0].float()
+        refs = [r[0].float() for r in encode_references(frozen["vae"], it["references"], d.height, d.width)]
+        out.append(dict(latents=latents, text=text[i], ref_latents=refs, slot=it["slot"]))
+    return out
+
+
+def batch_loss(transformer, encoded: list[dict], shift: float, device) -> torch.Tensor:
+    """Mean flow-matching loss of a micro-batch. Samples with the same reference shapes run as one forward."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in encoded:
+        groups.setdefault(tuple(tuple(r.shape) for r in e["ref_latents"]), []).append(e)
+    total = 0.0
+    for members in groups.values():
+        noises, sigmas = [], []
+        for e in members:  # noise and σ from the sample's slot, so any process layout draws the same
+            noise, sigma = sample_noise_and_sigma(e["latents"], shift, slot_generator(e["slot"].seed, e["slot"].step,
+                                                                                      e["slot"].slot))
+            noises.append(noise)
+            sigmas.append(sigma)
+        x0 = torch.stack([e["latents"] for e in members])
+        text = torch.stack([e["text"] for e in members])
+        refs = [torch.stack([e["ref_latents"][j] for e in members]) for j in range(len(members[0]["ref_latents"]))]
+        loss = flow_matching_loss(transformer, x0, torch.stack(noises).to(device), torch.stack(sigmas).to(device),
+                                  text, refs)
+        total = total + loss * len(members)
+    return total / len(encoded)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps` optimizer steps, then constant (the release's constant schedule)."""
+    w = cfg.optim.warmup_steps
+    return cfg.optim.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
+
+
+def _barrier(rt: Runtime) -> None:
+    if rt.dims.distributed:
+        dist.barrier()
+
+
+def find_latest_checkpoint(output: Path) -> Path | None:
+    ckpts = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _state_dicts(model, optimizer, lora: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=lora))
+
+
+def save_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, step: int, rt: Runtime) -> None:
+    """Sharded model + optimizer state (torch.distributed.checkpoint), config and step; renamed into place."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    if rt.is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    _barrier(rt)
+    model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
+    with warnings.catch_warnings():  # one process: dcp says it assumes a single process, which is right
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    _barrier(rt)
+    if rt.is_main:
+        (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, world_size=rt.dims.world_size)))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    _barrier(rt)
+
+
+def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise UserInputError(f"--resume '{path}' is not a checkpoint folder (no trainer_state.json): give checkpoint-<step>")
+    model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return int(json.loads(state_file.read_text())["step"])
+
+
+def _transformer_config(model) -> dict:
+    import diffusers
+
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
+    return {"_class_name": "KaleidoTransformer3DModel", "_diffusers_version": diffusers.__version__, **cfg}
+
+
+def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config=None) -> Path:
+    """final/transformer/ (full fine-tune, diffusers format) or final/pytorch_lora_weights.safetensors (LoRA)."""
+    from huggingface_hub import save_torch_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ..fileio import atomic_path
+    from .lora import lora_state_dict, save_lora
+
+    lora = cfg.lora.rank > 0
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
+    full = get_model_state_dict(model, options=options)  # collective under FSDP
+    final = output / "final"
+    if rt.is_main:
+        with atomic_path(final, is_dir=True) as tmp:
+            if lora:
+                save_lora(tmp, lora_state_dict(model, full), peft_config)
+            else:
+                (tmp / "transformer").mkdir()
+                save_torch_state_dict(
+                    {k: v.contiguous() for k, v in full.items()},
+                    tmp / "transformer",
+                    filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                    max_shard_size="10GB",
+                )
+                (tmp / "transformer" / "config.json").write_text(json.dumps(_transformer_config(model), indent=2))
+            (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    _barrier(rt)
+    return final
+
+
+class _Metrics:
+    """metrics.jsonl (+ TensorBoard when installed) on the main process."""
+
+    def __init__(self, output: Path, rt: Runtime, resume_step: int, tensorboard: bool):
+        self.path = output / "metrics.jsonl"
+        self.enabled = rt.is_main
+        self.tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():  # keep the history up to the resumed step, drop what came after it
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output / "tensorboard"))
+            except (ImportError, ModuleNotFoundError):
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------- training
+def build_dataset(cfg: TrainConfig):
+    samples = discover_samples(cfg.data.path, cfg.data.max_references)
+    if cfg.data.cache_dir:
+        return CachedDataset(samples, cfg.data, cfg.data.cache_dir)
+    return VideoDataset(samples, cfg.data)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
+    """Run training as configured; returns a summary (steps, last loss, output paths)."""
+    from tqdm.auto import tqdm
+
+    from .data import StepBatchSampler
+
+    cfg.validate()
+    rt = init_runtime(cfg.parallel.cp_degree)
+    output = Path(cfg.run.output)
+    if not cfg.run.output:
+        raise UserInputError("--output is required: give a folder for checkpoints, metrics and the final weights")
+    if rt.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+
+    bf16 = cfg.parallel.mixed_precision == "bf16"
+    dataset = build_dataset(cfg)
+    frozen = None if cfg.data.cache_dir else load_frozen_components(
+        cfg.model.path, rt.device, torch.bfloat16 if bf16 and rt.device.type == "cuda" else torch.float32
+    )
+
+    # model: LoRA first (peft wraps Linear layers), then checkpointing, context parallel, FSDP
+    model = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
+    peft_config = None
+    if cfg.lora.rank > 0:
+        from .lora import add_lora
+
+        peft_config = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+    model.to(rt.device).train()
+    if cfg.parallel.gradient_checkpointing:
+        apply_activation_checkpointing(model)
+    if rt.cp_mesh is not None:
+        apply_context_parallel(model, rt.cp_mesh)
+    if rt.dims.distributed:
+        apply_fsdp(model, rt.world_mesh, cfg.parallel.mixed_precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+    start_step = 0
+    if cfg.run.resume:
+        ckpt = find_latest_checkpoint(output) if cfg.run.resume == "latest" else Path(cfg.run.resume)
+        if ckpt is not None:
+            start_step = load_checkpoint(ckpt, model, optimizer, cfg)
+            if rt.is_main:
+                logger.info("resumed from %s at step %d", ckpt, start_step)
+        elif rt.is_main:
+            logger.info("--resume latest: no checkpoint in %s, starting from step 0", output)
+
+    sampler = StepBatchSampler(
+        len(dataset), batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, dp_rank=rt.dp_rank,
+        dp_size=rt.dims.dp, seed=cfg.run.seed, start_step=start_step, max_steps=cfg.run.max_steps,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers,
+        persistent_workers=False, prefetch_factor=2 if cfg.data.num_workers else None,
+    )
+    lat_h, lat_w = cfg.data.height // 8, cfg.data.width // 8
+    shift = resolution_shift(lat_h, lat_w, model.config.patch_size[1])
+    autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=bf16 and not rt.dims.distributed)
+    metrics = _Metrics(output, rt, start_step, cfg.run.tensorboard)
+    bar = tqdm(total=cfg.run.max_steps, initial=start_step, desc="train", disable=not (progress and rt.is_main),
+               dynamic_ncols=True)
+
+    step, micro, accum_loss, t0 = start_step, 0, 0.0, time.perf_counter()
+    skipped = 0
+    last = {}
+    for items in loader:
+        is_last_micro = micro == cfg.run.grad_accum - 1
+        if rt.dims.distributed and cfg.run.grad_accum > 1:
+            model.set_requires_gradient_sync(is_last_micro)
+        encoded = encode_batch(items, frozen, cfg, rt.device)
+        with autocast:
+            loss = batch_loss(model, encoded, shift, rt.device) / cfg.run.grad_accum
+        loss.backward()
+        accum_loss += loss.detach()
+        micro += 1
+        if not is_last_micro:
+            continue
+
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        loss_value = accum_loss.clone()
+        if rt.dims.distributed:
+            dist.all_reduce(loss_value, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
+            if dist.get_backend() != "nccl":
+                loss_value /= rt.dims.world_size
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_value))
+        if finite:  # never let a NaN/Inf gradient into the weights
+            optimizer.step()
+        else:
+            skipped += 1
+            if rt.is_main:
+                logger.warning("step %d: non-finite loss or gradient norm, update skipped", step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        micro, accum_loss = 0, 0.0
+        dt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        last = dict(step=step, loss=float(loss_value), lr=lr, grad_norm=float(grad_norm),
+                    samples_per_s=sampler.global_batch / dt if dt > 0 else 0.0, skipped=not finite)
+        metrics.log(last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+        if step % cfg.run.save_every == 0 or step == cfg.run.max_steps:
+            save_checkpoint(output / f"checkpoint-{step}", model, optimizer, cfg, step, rt)
+            t0 = time.perf_counter()  # samples/s measures training, not saving
+    bar.close()
+    metrics.close()
+    final = export_final(output, model, cfg, rt, peft_config)
+    summary = dict(steps=step, last=last, skipped_steps=skipped, output=str(output), final=str(final),
+                   world_size=rt.dims.world_size, lora=cfg.lora.rank > 0)
+    return summary
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def build_cache(cfg: TrainConfig, *, progress: bool = True) -> dict:
+    """Encode every sample once (first window, no dropout) into `data.cache_dir`; ranks split the samples."""
+    from tqdm.auto import tqdm
+
+    from ..fileio import atomic_path
+    from ..latents import encode_references, encode_video
+    from ..references import load_reference
+    from ..text import encode_text
+    from .data import _cache_meta, load_clip, resize_center_crop
+
+    if not cfg.data.cache_dir:
+        raise UserInputError("--build-cache needs --cache-dir: the folder to write the latents to")
+    rt = init_runtime(1)
+    d = cfg.data
+    cache = Path(d.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    samples = discover_samples(d.path, d.max_references)
+    frozen = load_frozen_components(cfg.model.path, rt.device)
+
+    def text_states(caption: str) -> torch.Tensor:
+        states = encode_text(frozen["tokenizer"], frozen["text_encoder"], [caption],
+                             max_sequence_length=d.max_sequence_length, device="cpu", dtype=torch.float32)[0]
+        n = int((states.abs().sum(-1) > 0).nonzero().max()) + 1 if states.abs().sum() > 0 else 0
+        return states[:n].clone()  # trimmed: the rows after the prompt are zeros
+
+    if rt.is_main:
+        with atomic_path(cache / "empty_text.pt") as tmp:
+            torch.save(text_states(""), tmp)
+    written, skipped, bad = 0, 0, []
+    mine = samples[rt.rank :: rt.dims.world_size]
+    for s in tqdm(mine, desc="cache", disable=not (progress and rt.is_main)):
+        dst = cache / f"{s.clip_id}.pt"
+        if dst.is_file():
+            skipped += 1
+            continue
+        try:
+            frames = load_clip(s, num_frames=d.num_frames, fps=d.fps, rng=None)
+            refs = [load_reference(p, f"sample {s.clip_id} reference") for p in s.references]
+            pixels = resize_center_crop(frames, d.height, d.width)[None].to(rt.device)
+            entry = dict(
+                latents=encode_video(frozen["vae"], pixels)[0].cpu(),
+                text=text_states(s.caption),
+                ref_latents=[r[0].cpu() for r in encode_references(frozen["vae"], refs, d.height, d.width)],
+            )
+        except Exception as e:  # bad sample: log and go on
+            logger.warning("cache: skipping sample %s: %s", s.clip_id, e)
+            bad.append(s.clip_id)
+            continue
+        with atomic_path(dst) as tmp:
+            torch.save(entry, tmp)
+        written += 1
+    _barrier(rt)
+    if rt.is_main:
+        (cache / "cache.json").write_text(json.dumps(_cache_meta(d), indent=2))
+    return dict(cache_dir=str(cache), written=written, already_cached=skipped, bad=bad, samples=len(samples))
+
