@@ -1,0 +1,79 @@
+"""The built-in small model: where its weights live, how to load it, and a default reference image.
+
+The trained small model ships as a diffusers folder in the package (`kaleido_s2v/toy/weights/`). Until it
+does, `load_builtin_pipeline` builds the tiny components of `kaleido_s2v.tiny` (random weights) and warns,
+so the command line and the examples still run end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_WEIGHTS_DIR = Path(__file__).resolve().parent / "toy" / "weights"
+# Optional file in a model folder: generation defaults (height, width, num_frames, num_inference_steps,
+# guidance_scale, fps) that replace the release's 512×896×81 / 50 steps for models trained at other sizes.
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"
+GENERATION_DEFAULT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps")
+# Sizes for the random-weight stand-in: small enough to run in seconds on a laptop CPU.
+TINY_GENERATION_DEFAULTS = dict(height=128, width=224, num_frames=17, num_inference_steps=8, guidance_scale=6.0, fps=16)
+
+
+def builtin_model_dir() -> Path | None:
+    """The shipped diffusers folder of the built-in model, or None when it is not shipped (yet)."""
+    return BUILTIN_WEIGHTS_DIR if (BUILTIN_WEIGHTS_DIR / "model_index.json").is_file() else None
+
+
+def generation_defaults(model_dir: str | Path | None) -> dict[str, Any]:
+    """Generation defaults stored beside a model (`generation_defaults.json`), {} when there are none."""
+    if model_dir is None:
+        return {}
+    path = Path(model_dir) / GENERATION_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {k: data[k] for k in GENERATION_DEFAULT_KEYS if k in data}
+
+
+def load_builtin_pipeline(torch_dtype=None):
+    """(pipeline, generation defaults, description) of the built-in model.
+
+    The shipped trained folder when present; otherwise `KaleidoPipeline(**tiny_components(seed=0))` with a
+    warning — its videos come from random weights.
+    """
+    from .pipeline import KaleidoPipeline
+
+    model_dir = builtin_model_dir()
+    if model_dir is not None:
+        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        pipe = KaleidoPipeline.from_pretrained(model_dir, **kwargs)
+        return pipe, {**TINY_GENERATION_DEFAULTS, **generation_defaults(model_dir)}, str(model_dir)
+
+    from .tiny import tiny_components
+
+    logger.warning(
+        "The built-in model's trained weights are not shipped with this version yet: using tiny RANDOM weights, "
+        "so the video shows noise-like patterns, not your prompt. Pass --model DIR for a real model."
+    )
+    pipe = KaleidoPipeline(**tiny_components(seed=0))
+    if torch_dtype is not None:
+        pipe.to(dtype=torch_dtype)
+    return pipe, dict(TINY_GENERATION_DEFAULTS), "builtin:tiny-random"
+
+
+def default_reference_image(size: int = 256) -> Image.Image:
+    """A procedural reference for the built-in model: a red disc with blue stripes on white (no file needed)."""
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    m = size // 6
+    draw.ellipse((m, m, size - m, size - m), fill=(220, 40, 40), outline=(0, 0, 0), width=max(1, size // 64))
+    for k in range(3):
+        y = size // 3 + k * size // 8
+        draw.rectangle((size // 4, y, 3 * size // 4, y + size // 24), fill=(40, 60, 200))
+    return img

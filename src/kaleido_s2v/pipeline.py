@@ -1,0 +1,504 @@
+"""KaleidoPipeline: multi-subject reference-to-video generation (diffusers `DiffusionPipeline`).
+
+WanPipeline's numbered `__call__` with one step added — *encode references* — and the official sampler:
+the shift-7 sigma grid (`schedule.official_sigmas`), Euler updates, CFG whose two branches get the SAME
+reference latents (guidance is text-only), and the release's negative prompt as the default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+from diffusers.video_processor import VideoProcessor
+from PIL import Image
+
+from .latents import denormalize_latents, normalize_latents, pil_to_tensor
+from .references import ReferenceImage, fit_reference
+from .schedule import OFFICIAL_SHIFT
+from .text import encode_text
+
+logger = logging.get_logger(__name__)
+
+# Wan2.1's default negative prompt (`wan/configs/shared_config.py`, `sample_neg_prompt`).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+# The Kaleido release's `sample_neg_prompt`: Wan's with "画得不好的脸部，" ("poorly drawn faces,") removed.
+KALEIDO_NEGATIVE_PROMPT = WAN_NEGATIVE_PROMPT.replace("画得不好的脸部，", "")
+
+MAX_REFERENCES = 4  # default hard limit per video
+TRAINED_REFERENCES = 3  # the release was trained with at most 3; more gets a warning
+
+# Scheduler settings under which `set_timesteps(sigmas=1 - k/n)` yields exactly the official grid.
+_OFFICIAL_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=OFFICIAL_SHIFT,
+    use_dynamic_shifting=False,
+    shift_terminal=None,
+    use_karras_sigmas=False,
+    use_exponential_sigmas=False,
+    use_beta_sigmas=False,
+    invert_sigmas=False,
+    stochastic_sampling=False,
+)
+
+@dataclass
+class KaleidoPipelineOutput(BaseOutput):
+    """Output of `KaleidoPipeline`.
+
+    Args:
+        frames: "np": (B, F, H, W, 3) floats in [0, 1]; "pt": (B, F, 3, H, W); "pil": B lists of F images;
+            "latent": the normalised video latents (B, 16, T, H/8, W/8).
+    """
+
+    frames: torch.Tensor | np.ndarray | list[list[Image.Image]]
+
+
+def official_prompt(prompt: str, reference_paths: Sequence[str | os.PathLike]) -> str:
+    """The text the release actually encoded: the whole input line `prompt@@path1@@path2` (see §6.1)."""
+    return "@@".join([prompt, *(os.fspath(p) for p in reference_paths)])
+
+
+class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+    r"""Kaleido subject-to-video pipeline: references + prompt -> video.
+
+    Args:
+        tokenizer: umT5 tokenizer (any T5-style tokenizer works).
+        text_encoder (`UMT5EncoderModel`): the text encoder (any T5-style encoder whose width is the transformer's
+            `text_dim`).
+        vae (`AutoencoderKLWan`): the Wan2.1 VAE; encodes each reference and decodes the video.
+        transformer (`KaleidoTransformer3DModel`): the denoiser.
+        scheduler (`FlowMatchEulerDiscreteScheduler`): Euler steps. The pipeline always runs the official grid
+            σ_k = 7s / (1 + 6s), s = 1 − k/n; a scheduler config that would give another grid is corrected with a
+            warning.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _lora_loadable_modules = ["transformer"]
+
+    def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+        )
+        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal if getattr(self, "vae", None) else 4
+        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    # ------------------------------------------------------------------ text
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int = 512,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt_embeds, negative_prompt_embeds), each (B·num_videos_per_prompt, max_sequence_length, D).
+
+        Wan's prompt cleaning and zero rows after each prompt (`kaleido_s2v.text.encode_text`). The negative
+        prompt defaults to the release's (`KALEIDO_NEGATIVE_PROMPT`).
+        """
+        device = device or self._execution_device
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+
+        def encode(texts: list[str]) -> torch.Tensor:
+            embeds = encode_text(self.tokenizer, self.text_encoder, texts, max_sequence_length, device, dtype)
+            return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+
+        prompt_embeds = encode(prompt)
+        negative_prompt_embeds = None
+        if do_classifier_free_guidance:
+            negative_prompt = KALEIDO_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+            negative_prompt = [negative_prompt] * len(prompt) if isinstance(negative_prompt, str) else negative_prompt
+            if len(negative_prompt) != len(prompt):
+                raise ValueError(
+                    f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompt)}: give one "
+                    "negative prompt or one per prompt"
+                )
+            negative_prompt_embeds = encode(list(negative_prompt))
+        return prompt_embeds, negative_prompt_embeds
+
+    # ------------------------------------------------------------------ references
+    @staticmethod
+    def _reference_lists(reference_images, batch_size: int) -> tuple[list[list[ReferenceImage]], bool]:
+        """(one list of references per prompt, shared). A flat list (or one image) is shared by every prompt."""
+        if reference_images is None:
+            return [[] for _ in range(batch_size)], True
+        if isinstance(reference_images, np.ndarray) and reference_images.ndim == 4:
+            reference_images = list(reference_images)  # (N, H, W, 3)
+        if not isinstance(reference_images, (list, tuple)):
+            reference_images = [reference_images]
+        if reference_images and all(isinstance(r, (list, tuple)) for r in reference_images):
+            if len(reference_images) != batch_size:
+                raise ValueError(
+                    f"`reference_images` has {len(reference_images)} per-prompt lists but there are {batch_size} "
+                    "prompts: give one list per prompt, or one flat list shared by all prompts"
+                )
+            counts = {len(r) for r in reference_images}
+            if len(counts) != 1:
+                raise ValueError(
+                    f"`reference_images` lists have different lengths {sorted(counts)}: every prompt of one call "
+                    "needs the same number of references"
+                )
+            return [list(r) for r in reference_images], False
+        return [list(reference_images)] * batch_size, True
+
+    def _encode_image(self, image: Image.Image) -> torch.Tensor:
+        """One fitted RGB image -> normalised posterior-mean latent (1, z, 1, h, w): a 1-frame video encode."""
+        pixels = pil_to_tensor([image])[:, :, None]  # (1, 3, 1, H, W) in [-1, 1]
+        # The execution device, not the weights' device: with model/group offload the weights sit on the CPU.
+        pixels = pixels.to(get_module_execution_device(self.vae), self.vae.dtype)
+        return normalize_latents(self.vae, self.vae.encode(pixels).latent_dist.mode())
+
+    @torch.no_grad()
+    def encode_references(
+        self,
+        reference_images: list[list[ReferenceImage]],
+        height: int,
+        width: int,
+        num_videos_per_prompt: int = 1,
+        shared: bool = True,
+    ) -> torch.Tensor | None:
+        """Fit, pad and VAE-encode every reference ALONE (one encode per image) -> (B', z, N, h, w) or None.
+
+        B' is 1 when all prompts share the same references (the transformer broadcasts it), else
+        B·num_videos_per_prompt (`shared=False`: one list per prompt).
+        """
+        if not reference_images or not reference_images[0]:
+            return None
+        per_prompt = reference_images[:1] if shared else reference_images
+        latents = torch.stack(
+            [
+                torch.cat([self._encode_image(fit_reference(img, height, width)) for img in refs], dim=2)[0]
+                for refs in per_prompt
+            ]
+        )  # (B or 1, z, N, h, w)
+        if not shared:
+            latents = latents.repeat_interleave(num_videos_per_prompt, dim=0)
+        return latents
+
+    # ------------------------------------------------------------------ checks & latents
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        reference_lists: list[list[ReferenceImage]],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        max_references: int,
+        callback_on_step_end_tensor_inputs=None,
+    ) -> None:
+        if height % 16 != 0 or width % 16 != 0:
+            raise ValueError(f"`height` and `width` have to be divisible by 16 but are {height} and {width}.")
+        if height <= 0 or width <= 0:
+            raise ValueError(f"`height` and `width` must be positive but are {height} and {width}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be >= 1 but is {num_inference_steps}.")
+        if prompt is None or not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` has to be a `str` or a `list` of str but is {type(prompt).__name__}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise ValueError(f"`prompt` is empty ({prompt!r}): describe the video to generate")
+        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+            raise ValueError(
+                f"`negative_prompt` has to be a `str` or a `list` of str but is {type(negative_prompt).__name__}"
+            )
+        num_refs = len(reference_lists[0]) if reference_lists else 0
+        if num_refs > max_references:
+            raise ValueError(
+                f"`reference_images` has {num_refs} images, more than `max_references`={max_references}: "
+                "give fewer references (the model was trained with at most 3)"
+            )
+        if num_refs > TRAINED_REFERENCES:
+            logger.warning(
+                f"{num_refs} references given; the model was trained with at most {TRAINED_REFERENCES}, so quality "
+                "may drop."
+            )
+        if callback_on_step_end_tensor_inputs is not None and not all(
+            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
+                f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
+            )
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        num_frames: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        num_latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        shape = (
+            batch_size,
+            num_channels_latents,
+            num_latent_frames,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
+                f" size of {batch_size}. Make sure the batch size matches the length of the generators."
+            )
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def set_official_timesteps(self, num_inference_steps: int, device: torch.device | None = None) -> torch.Tensor:
+        """Put the scheduler on the official grid: σ_k = 7s/(1+6s), s = 1 − k/n; timesteps 1000·σ_k (k < n).
+
+        The scheduler gets the unshifted sigmas 1 − k/n and applies shift 7 itself. A loaded scheduler whose config
+        would change that (another shift, dynamic shifting, Karras sigmas, ...) is replaced by a corrected copy.
+        """
+        config = self.scheduler.config
+        wrong = {k: config.get(k) for k, v in _OFFICIAL_SCHEDULER_CONFIG.items() if config.get(k, v) != v}
+        if not isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler) or wrong:
+            logger.warning(
+                f"Scheduler {type(self.scheduler).__name__} {wrong or ''} does not give Kaleido's sampling grid; "
+                "using FlowMatchEulerDiscreteScheduler with the official settings instead."
+            )
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, **_OFFICIAL_SCHEDULER_CONFIG)
+        unshifted = 1.0 - np.arange(num_inference_steps, dtype=np.float64) / num_inference_steps
+        self.scheduler.set_timesteps(sigmas=unshifted.tolist(), device=device)
+        return self.scheduler.timesteps
+
+    # ------------------------------------------------------------------ properties (as WanPipeline)
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    @property
+    def attention_kwargs(self):
+        return self._attention_kwargs
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        reference_images: ReferenceImage | Sequence[ReferenceImage] | Sequence[Sequence[ReferenceImage]] = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int = 512,
+        width: int = 896,
+        num_frames: int = 81,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        max_sequence_length: int = 512,
+        *,
+        max_references: int = MAX_REFERENCES,
+        official_prompt_with_paths: bool = False,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> KaleidoPipelineOutput | tuple:
+        r"""Generate videos in which the reference subjects appear and act as the prompt says.
+
+        Args:
+            prompt: the caption (one string, or a list for a batch).
+            reference_images: PIL images, paths or (H, W, 3) arrays (uint8, or floats in [0, 1]): one image, a list
+                shared by every prompt, or one list per prompt (same length for all). Each is fitted into
+                (height, width) with white padding and VAE-encoded alone. `None`/`[]` runs plain Wan
+                text-to-video (the release has no such path; the transformer computes exactly Wan's forward).
+            negative_prompt: defaults to the release's (`KALEIDO_NEGATIVE_PROMPT`); used when guidance_scale > 1.
+            height, width: multiples of 16 (release: 512 × 896).
+            num_frames: 4k + 1 (others are rounded down with a warning, as WanPipeline does).
+            num_inference_steps: steps of the official shift-7 grid.
+            guidance_scale: CFG scale; both branches see the same references (text-only guidance).
+            num_videos_per_prompt, generator, latents, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                max_sequence_length, attention_kwargs: as in `WanPipeline`.
+            output_type: "np" (B, F, H, W, 3) floats in [0, 1], "pt", "pil" or "latent".
+            max_references: more references than this raise `ValueError` (more than 3 warns).
+            official_prompt_with_paths: encode `prompt@@path1@@path2` instead of the caption, reproducing the
+                release's sampling script (references must then be paths).
+
+        Returns:
+            `KaleidoPipelineOutput` with `.frames`, or `(frames,)` when `return_dict=False`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs. Raise error if not correct
+        batch_size = len(prompt) if isinstance(prompt, list) else 1
+        reference_lists, shared_references = self._reference_lists(reference_images, batch_size)
+        self.check_inputs(
+            prompt,
+            negative_prompt,
+            reference_lists,
+            height,
+            width,
+            num_inference_steps,
+            max_references,
+            callback_on_step_end_tensor_inputs,
+        )
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"`output_type` must be one of 'np', 'pt', 'pil', 'latent' but is {output_type!r}")
+        if num_frames % self.vae_scale_factor_temporal != 1:
+            logger.warning(
+                f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}. Rounding to the nearest "
+                "number."
+            )
+            num_frames = num_frames // self.vae_scale_factor_temporal * self.vae_scale_factor_temporal + 1
+        num_frames = max(num_frames, 1)
+
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+        device = self._execution_device
+
+        # 2. Define call parameters
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if official_prompt_with_paths:
+            for refs in reference_lists:
+                if not all(isinstance(r, (str, os.PathLike)) for r in refs):
+                    raise ValueError("`official_prompt_with_paths=True` needs `reference_images` given as paths")
+            prompts = [official_prompt(p, refs) for p, refs in zip(prompts, reference_lists)]
+
+        # 3. Encode input prompt
+        transformer_dtype = self.transformer.dtype
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt=prompts,
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_videos_per_prompt=num_videos_per_prompt,
+            max_sequence_length=max_sequence_length,
+            device=device,
+            dtype=transformer_dtype,
+        )
+
+        # 4. Encode references: one VAE encode per image; the SAME latents go to both CFG branches
+        reference_latents = self.encode_references(
+            reference_lists, height, width, num_videos_per_prompt, shared_references
+        )
+        if reference_latents is not None:
+            reference_latents = reference_latents.to(device=device, dtype=transformer_dtype)
+        else:
+            logger.info("No reference images: running plain text-to-video (Wan2.1 behaviour).")
+
+        # 5. Prepare timesteps (the official shift-7 grid)
+        timesteps = self.set_official_timesteps(num_inference_steps, device=device)
+
+        # 6. Prepare latent variables (fp32; CFG and Euler updates run in fp32 as in the release)
+        latents = self.prepare_latents(
+            batch_size * num_videos_per_prompt,
+            self.transformer.config.in_channels,
+            height,
+            width,
+            num_frames,
+            torch.float32,
+            device,
+            generator,
+            latents,
+        )
+
+        # 7. Denoising loop
+        self._num_timesteps = len(timesteps)
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                latent_model_input = latents.to(transformer_dtype)
+                timestep = t.expand(latents.shape[0])
+                cache_context_kwargs = {
+                    "step_index": i,
+                    "sigma": float(self.scheduler.sigmas[i]),
+                    "num_inference_steps": self._num_timesteps,
+                }
+                with self.transformer.cache_context("cond", **cache_context_kwargs):
+                    noise_pred = self.transformer(
+                        hidden_states=latent_model_input,
+                        timestep=timestep,
+                        encoder_hidden_states=prompt_embeds,
+                        reference_latents=reference_latents,
+                        attention_kwargs=attention_kwargs,
+                        return_dict=False,
+                    )[0]
+                if self.do_classifier_free_guidance:
+                    with self.transformer.cache_context("uncond", **cache_context_kwargs):
+                        noise_uncond = self.transformer(
+                            hidden_states=latent_model_input,
+                            timestep=timestep,
+                            encoder_hidden_states=negative_prompt_embeds,
+                            reference_latents=reference_latents,  # same references: guidance is text-only
+                            attention_kwargs=attention_kwargs,
+                            return_dict=False,
+                        )[0]
+                    noise_pred = noise_uncond.float() + guidance_scale * (noise_pred.float() - noise_uncond.float())
+
+                # Euler: x <- x + (σ_{k+1} − σ_k)·v
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    for k in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[k] = locals()[k]
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+
+        self._current_timestep = None
+
+        # 8. Decode
+        if output_type == "latent":
+            video = latents
+        else:
+            latents = latents.to(get_module_execution_device(self.vae), dtype=self.vae.dtype)
+            video = self.vae.decode(denormalize_latents(self.vae, latents), return_dict=False)[0]
+            video = self.video_processor.postprocess_video(video, output_type=output_type)
+
+        # Offload all models
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (video,)
+        return KaleidoPipelineOutput(frames=video)
