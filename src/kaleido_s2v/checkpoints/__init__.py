@@ -1,7 +1,7 @@
 """Official Kaleido / Wan2.1 checkpoints → diffusers format.
 
 - `resolve_model_dir(path, auto_convert=False, cache_dir=None)`: a diffusers folder for any model folder.
-- `convert(src, dst, ...)`: streaming, strict, atomic conversion of a release folder (see `convert.py`).
+- `convert(src, dst, ...)`: streaming, strict, atomic conversion of a release folder (see `converter.py`).
 - `keymap`: the one adapter owning SAT ↔ Wan ↔ diffusers weight names, both directions.
 - `load_torch_file(path, trust_pickle=False)`: `torch.load(weights_only=True, mmap=True)` with a small allowlist.
 """
@@ -21,7 +21,7 @@ __all__ = [
 
 def __getattr__(name):  # heavy modules (torch, diffusers) load only when used
     if name == "convert":
-        from .convert import convert
+        from .converter import convert
 
         return convert
     if name == "load_torch_file":

@@ -44,6 +44,7 @@ class SourceLayout:
 
     root: Path
     format: str  # "official" | "wan"
+    components: tuple[str, ...] = COMPONENTS
     transformer_files: list[Path] = field(default_factory=list)
     vae_file: Path | None = None
     t5_file: Path | None = None
@@ -113,7 +114,7 @@ def detect_source(src: str | os.PathLike, only=None, src_format: str = "auto") -
             f"--src {root}: not a Kaleido release (expected {OFFICIAL_TREE}) nor a Wan2.1 release (expected {WAN_TREE})"
         )
 
-    layout = SourceLayout(root=root, format=fmt)
+    layout = SourceLayout(root=root, format=fmt, components=components)
     missing: list[str] = []
     if fmt == "official":
         t5_dir = root / OFFICIAL_T5_DIR
@@ -206,7 +207,7 @@ def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache
             f"{root} is an official release, not a diffusers folder; convert it once with: "
             f"kaleido-s2v convert --src {shlex.quote(str(root))} --dst {shlex.quote(str(dst))}"
         )
-    from .convert import convert
+    from .converter import convert
 
     print(f"kaleido-s2v: converting {root} into {dst} (one time; reused afterwards)", file=sys.stderr)
     convert(layout, dst, progress=True)

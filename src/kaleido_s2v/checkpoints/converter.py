@@ -1,0 +1,324 @@
+"""Streaming, strict, atomic conversion of an official Kaleido (or Wan2.1) release to a diffusers folder.
+
+Each component is planned first — every source tensor named, mapped, shape-checked against the target
+class built on the meta device — and only then written, tensor by tensor, into safetensors shards
+(`shards.py`). Source files are memory-mapped (`safe_load.py`), so anonymous memory stays at about one tensor
+(plus a dtype conversion), whatever the checkpoint size. Everything is built in a temporary folder beside
+`dst` and renamed at the end; `conversion_summary.json` records what was written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import UserInputError
+from ..fileio import atomic_path
+from . import keymap
+from .layout import SourceLayout, detect_source, is_diffusers_pipeline
+from .shards import TORCH_DTYPES, LazyTensor, parse_size, write_shards
+
+DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SUMMARY_FILE = "conversion_summary.json"
+PIPELINE_CLASS = "KaleidoPipeline"
+SCHEDULER_SHIFT = 7.0  # the release samples with shift 7 (reference/kaleido-official.md §3)
+
+
+class SourceTensor:
+    """A named source tensor whose shape/dtype are known without reading its data."""
+
+    def __init__(self, shape, dtype, load):
+        self.shape, self.dtype, self.load = tuple(shape), dtype, load
+
+
+def _names(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def lazy_from_mapping(
+    sources: Mapping[str, SourceTensor], targets: Mapping[str, tuple[str, int, int]], dtype: torch.dtype | None
+) -> list[LazyTensor]:
+    """LazyTensors for target names; `targets[name] = (source key, part, parts)` (dim-0 split of fused weights)."""
+    out = []
+    for name, (src, part, parts) in targets.items():
+        s = sources[src]
+        shape = (s.shape[0] // parts, *s.shape[1:])
+        out_dtype = dtype or s.dtype
+
+        def load(s=s, part=part, parts=parts, out_dtype=out_dtype):
+            return keymap.split_part(s.load(), part, parts).to(out_dtype)
+
+        out.append(LazyTensor(name, shape, out_dtype, load))
+    return out
+
+
+def check_against_model(
+    planned: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str, source_name=lambda k: k
+) -> None:
+    """Strict: same key set and shapes as the target model, else `UserInputError` naming the keys."""
+    missing = set(expected) - set(planned)
+    if missing:
+        raise UserInputError(f"{what}: missing keys {_names(source_name(k) for k in missing)}")
+    unexpected = set(planned) - set(expected)
+    if unexpected:
+        raise UserInputError(f"{what}: unexpected keys {_names(source_name(k) for k in unexpected)}")
+    bad = [k for k in expected if tuple(planned[k]) != tuple(expected[k])]
+    if bad:
+        raise UserInputError(
+            f"{what}: shape mismatch "
+            + "; ".join(f"{source_name(k)} is {tuple(planned[k])}, expected {tuple(expected[k])}" for k in bad[:6])
+        )
+
+
+# ------------------------------------------------------------------------------------------------- transformer
+def _official_sources(layout: SourceLayout, trust_pickle: bool) -> tuple[dict[str, SourceTensor], Counter]:
+    from .safe_load import load_torch_file
+
+    path = layout.transformer_files[0]
+    obj = load_torch_file(path, trust_pickle=trust_pickle)
+    sd = obj.get("module", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(sd, Mapping):
+        raise UserInputError(f"{path}: expected a dict with 'module' = state dict, got {type(obj).__name__}")
+    sources, skipped = {}, Counter()
+    for key, value in sd.items():
+        if not isinstance(key, str) or not key.startswith(keymap.SAT_PREFIX):
+            skipped[str(key).split(".")[0]] += 1  # e.g. the frozen T5 under `conditioner.`
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise UserInputError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
+        sources[key[len(keymap.SAT_PREFIX) :]] = SourceTensor(value.shape, value.dtype, lambda v=value: v)
+    if not sources:
+        top = _names(map(str, sd)) if sd else "nothing"
+        raise UserInputError(f"{path}: no DiT keys under '{keymap.SAT_PREFIX}' (found {top})")
+    return sources, skipped
+
+
+def _wan_sources(layout: SourceLayout) -> tuple[dict[str, SourceTensor], Counter]:
+    from safetensors import safe_open
+
+    sources: dict[str, SourceTensor] = {}
+    for path in layout.transformer_files:
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise UserInputError(f"{path}: not a readable safetensors file ({e})") from None
+        for key in handle.keys():
+            name = key[len(keymap.WAN_OPTIONAL_PREFIX) :] if key.startswith(keymap.WAN_OPTIONAL_PREFIX) else key
+            if name in sources:
+                raise UserInputError(f"{path}: key {key} also appears in another shard")
+            sl = handle.get_slice(key)
+            dtype = TORCH_DTYPES[sl.get_dtype()]
+            sources[name] = SourceTensor(sl.get_shape(), dtype, lambda h=handle, k=key: h.get_tensor(k))
+    return sources, Counter()
+
+
+def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], num_layers: int, attention_head_dim: int) -> dict:
+    """KaleidoTransformer3DModel config from diffusers-named tensor shapes (head dim cannot be inferred)."""
+    inner, in_channels, *patch = shapes["patch_embedding.weight"]
+    if inner % attention_head_dim:
+        raise UserInputError(f"--attention-head-dim {attention_head_dim}: does not divide the model width {inner}")
+    return dict(
+        patch_size=tuple(patch),
+        num_attention_heads=inner // attention_head_dim,
+        attention_head_dim=attention_head_dim,
+        in_channels=in_channels,
+        out_channels=shapes["proj_out.weight"][0] // math.prod(patch),
+        text_dim=shapes["condition_embedder.text_embedder.linear_1.weight"][1],
+        freq_dim=shapes["condition_embedder.time_embedder.linear_1.weight"][1],
+        ffn_dim=shapes["blocks.0.ffn.net.0.proj.weight"][0],
+        num_layers=num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        ref_rope="shift_hw",  # the release's R-RoPE (reference/kaleido-official.md §1.7)
+        ref_rope_offset=80,
+    )
+
+
+def plan_transformer(layout: SourceLayout, dtype=None, attention_head_dim: int = 128, trust_pickle: bool = False):
+    """Load (memory-mapped), map and check the DiT; returns (LazyTensors, config, skipped-key counts)."""
+    from ..transformer import KaleidoTransformer3DModel
+
+    fmt = layout.format
+    if fmt == "official":
+        sources, skipped = _official_sources(layout, trust_pickle)
+        prefix, where = keymap.SAT_PREFIX, layout.transformer_files[0]
+    else:
+        sources, skipped = _wan_sources(layout)
+        prefix, where = "", layout.root
+    num_layers = keymap.count_layers(sources, fmt)
+    table = keymap.source_to_diffusers_table(fmt, num_layers)
+    missing = [prefix + k for k in table if k not in sources]
+    unexpected = [prefix + k for k in sources if k not in table]
+    if unexpected:
+        raise UserInputError(f"{where}: unexpected DiT keys {_names(unexpected)} (not part of the Kaleido/Wan2.1 DiT)")
+    if missing or num_layers == 0:
+        raise UserInputError(f"{where}: missing DiT keys {_names(missing or ['blocks'])}")
+    targets = keymap.diffusers_to_source_table(fmt, num_layers)
+    for src, dsts in table.items():
+        if sources[src].shape[0] % len(dsts):
+            raise UserInputError(
+                f"{where}: {prefix + src} has {sources[src].shape[0]} rows, not divisible by {len(dsts)}"
+            )
+    tensors = lazy_from_mapping(sources, targets, dtype)
+    shapes = {t.name: t.shape for t in tensors}
+    for key in ("patch_embedding.weight", "proj_out.weight", "blocks.0.ffn.net.0.proj.weight"):
+        if len(shapes[key]) < 2:
+            raise UserInputError(f"{where}: {prefix + targets[key][0]} has shape {shapes[key]}, expected a matrix")
+    config = infer_transformer_config(shapes, num_layers, attention_head_dim)
+    with torch.device("meta"):
+        model = KaleidoTransformer3DModel(**config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_against_model(
+        shapes, expected, str(where), source_name=lambda k: prefix + targets[k][0] if k in targets else k
+    )
+    return tensors, model, skipped
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def _component_summary(tensors: list[LazyTensor], shards: list[dict], **extra) -> dict:
+    return dict(
+        tensors=len(tensors),
+        parameters=sum(t.numel for t in tensors),
+        dtype=sorted({str(t.dtype).removeprefix("torch.") for t in tensors}),
+        bytes=sum(s["bytes"] for s in shards),
+        shards=shards,
+        **extra,
+    )
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
+
+
+def write_component(
+    tensors, model_or_config, out: Path, weights_name: str, max_shard_bytes: int, desc: str, progress: bool, **extra
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    model_or_config.save_config(out) if hasattr(model_or_config, "save_config") else model_or_config.save_pretrained(
+        out
+    )
+    with _progress_bar(sum(t.nbytes for t in tensors), desc, progress) as bar:
+        shards = write_shards(tensors, out, weights_name, max_shard_bytes, progress=bar.update)
+    return _component_summary(tensors, shards, **extra)
+
+
+def _model_index(components: dict[str, type]) -> dict:
+    """model_index.json exactly as `KaleidoPipeline.save_pretrained` writes it (diffusers' own naming rule:
+    a class outside diffusers/transformers is named by its module, e.g. `kaleido_s2v.transformer`)."""
+    import diffusers
+    from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+
+    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
+    for name in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
+        cls = components.get(name)
+        index[name] = list(_fetch_class_library_tuple(cls)) if cls is not None else [None, None]
+    return index
+
+
+def convert(
+    src: str | os.PathLike | SourceLayout,
+    dst: str | os.PathLike,
+    only=None,
+    max_shard_size: str | int = "5GB",
+    dtype: str = "keep",
+    attention_head_dim: int = 128,
+    trust_pickle: bool = False,
+    src_format: str = "auto",
+    progress: bool = True,
+    t5_max_distance: int = 128,
+) -> dict:
+    """Convert a release folder into a diffusers pipeline folder at `dst`; returns the summary dict.
+
+    `only`: subset of transformer,vae,text_encoder,tokenizer (default all). `dtype`: keep|bf16|fp16|fp32.
+    `t5_max_distance`: umT5's relative_attention_max_distance (Wan's T5 uses 128; not stored in the weights).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5EncoderModel
+
+    from .t5 import convert_tokenizer, plan_text_encoder
+    from .vae import plan_vae
+
+    if dtype not in DTYPES:
+        raise UserInputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    max_shard_bytes = parse_size(max_shard_size)
+    layout = src if isinstance(src, SourceLayout) else detect_source(src, only=only, src_format=src_format)
+    components = layout.components
+    dst = Path(dst).expanduser()
+    if dst.exists() and not (is_diffusers_pipeline(dst) or (dst.is_dir() and not any(dst.iterdir()))):
+        raise UserInputError(f"--dst {dst}: exists and is not a diffusers folder; choose a new or empty folder")
+    if dst.resolve() == layout.root.resolve() or layout.root.resolve() in dst.resolve().parents:
+        raise UserInputError(f"--dst {dst}: must be outside the source folder {layout.root}")
+    torch_dtype = DTYPES[dtype]
+
+    # 1. Plan every component before writing anything: all strictness errors come first.
+    plans = {}
+    if "transformer" in components:
+        plans["transformer"] = plan_transformer(layout, torch_dtype, attention_head_dim, trust_pickle)
+    if "vae" in components:
+        plans["vae"] = plan_vae(layout.vae_file, torch_dtype, trust_pickle)
+    if "text_encoder" in components:
+        plans["text_encoder"] = plan_text_encoder(layout.t5_file, torch_dtype, trust_pickle, t5_max_distance)
+
+    # 2. Write into a temporary folder beside dst; rename at the end.
+    start = time.perf_counter()
+    summary: dict = {
+        "source": str(layout.root),
+        "source_format": layout.format,
+        "iteration": layout.iteration,
+        "destination": str(dst),
+        "dtype": dtype,
+        "max_shard_size": max_shard_bytes,
+        "components": {},
+    }
+    index: dict[str, type] = {}
+    with atomic_path(dst, is_dir=True) as tmp:
+        if "transformer" in plans:
+            tensors, model, skipped = plans["transformer"]
+            summary["components"]["transformer"] = write_component(
+                tensors,
+                model,
+                tmp / "transformer",
+                "diffusion_pytorch_model",
+                max_shard_bytes,
+                "transformer",
+                progress,
+                skipped_keys=sum(skipped.values()),
+                skipped_prefixes=dict(skipped),
+                config=dict(model.config),
+            )
+            index["transformer"] = type(model)
+        if "vae" in plans:
+            tensors, model = plans["vae"]
+            summary["components"]["vae"] = write_component(
+                tensors, model, tmp / "vae", "diffusion_pytorch_model", max_shard_bytes, "vae", progress
+            )
+            index["vae"] = type(model)
+        if "text_encoder" in plans:
+            tensors, config = plans["text_encoder"]
+            summary["components"]["text_encoder"] = write_component(
+                tensors, config, tmp / "text_encoder", "model", max_shard_bytes, "text_encoder", progress
+            )
+            index["text_encoder"] = UMT5EncoderModel
+        if "tokenizer" in components:
+            cls = convert_tokenizer(layout.tokenizer_dir, tmp / "tokenizer")
+            files = sorted(p.name for p in (tmp / "tokenizer").iterdir())
+            summary["components"]["tokenizer"] = {"class": cls.__name__, "files": files}
+            index["tokenizer"] = cls
+        FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT).save_pretrained(tmp / "scheduler")
+        index["scheduler"] = FlowMatchEulerDiscreteScheduler
+        (tmp / "model_index.json").write_text(json.dumps(_model_index(index), indent=2) + "\n")
+        summary["seconds"] = round(time.perf_counter() - start, 3)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
