@@ -41,8 +41,18 @@ def generation_defaults(model_dir: str | Path | None) -> dict[str, Any]:
     return {k: data[k] for k in GENERATION_DEFAULT_KEYS if k in data}
 
 
+def builtin_generation_defaults() -> dict[str, Any]:
+    """Sizes and steps to use with the built-in model (its `generation_defaults.json` over the tiny defaults)."""
+    return {**TINY_GENERATION_DEFAULTS, **generation_defaults(builtin_model_dir())}
+
+
+def builtin_model_description() -> str:
+    model_dir = builtin_model_dir()
+    return str(model_dir) if model_dir is not None else "builtin:tiny-random"
+
+
 def load_builtin_pipeline(torch_dtype=None):
-    """(pipeline, generation defaults, description) of the built-in model.
+    """The built-in model as a `KaleidoPipeline`.
 
     The shipped trained folder when present; otherwise `KaleidoPipeline(**tiny_components(seed=0))` with a
     warning — its videos come from random weights.
@@ -52,8 +62,7 @@ def load_builtin_pipeline(torch_dtype=None):
     model_dir = builtin_model_dir()
     if model_dir is not None:
         kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-        pipe = KaleidoPipeline.from_pretrained(model_dir, **kwargs)
-        return pipe, {**TINY_GENERATION_DEFAULTS, **generation_defaults(model_dir)}, str(model_dir)
+        return KaleidoPipeline.from_pretrained(model_dir, **kwargs)
 
     from .tiny import tiny_components
 
@@ -62,9 +71,9 @@ def load_builtin_pipeline(torch_dtype=None):
         "so the video shows noise-like patterns, not your prompt. Pass --model DIR for a real model."
     )
     pipe = KaleidoPipeline(**tiny_components(seed=0))
-    if torch_dtype is not None:
+    if torch_dtype is not None and torch_dtype != pipe.transformer.dtype:
         pipe.to(dtype=torch_dtype)
-    return pipe, dict(TINY_GENERATION_DEFAULTS), "builtin:tiny-random"
+    return pipe
 
 
 def default_reference_image(size: int = 256) -> Image.Image:

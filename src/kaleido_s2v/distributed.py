@@ -59,11 +59,13 @@ def init_distributed(device: str | torch.device) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Leave the process group (after a barrier unless `barrier=False`, e.g. on an error path)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 
