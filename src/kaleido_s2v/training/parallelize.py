@@ -7,7 +7,6 @@ all ranks; each cp group of consecutive ranks sees the same samples and splits t
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -115,22 +114,12 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-@contextlib.contextmanager
-def _one_accelerator_on_cpu():
-    """diffusers computes `rank % torch.accelerator.device_count()`, which is 0 on a CPU-only host."""
-    if torch.accelerator.device_count() > 0:
-        yield
-        return
-    original = torch.accelerator.device_count
-    torch.accelerator.device_count = lambda: 1
-    try:
-        yield
-    finally:
-        torch.accelerator.device_count = original
-
-
 def apply_context_parallel(model, cp_mesh) -> None:
-    """Ulysses context parallel over `cp_mesh` (uneven shards allowed: reference token counts rarely divide).
+    """Ulysses context parallel over `cp_mesh`.
+
+    diffusers' uneven-shard variant (`ulysses_anything`) has no backward, so training uses even shards: every
+    reference is fitted to the video size, so the sequence is (N + T)·h·w tokens and `check_cp_divides`
+    ensures h·w divides by the cp size.
 
     Each cp rank computes the full loss after the gather, whose backward hands every rank only its own
     tokens' gradient: blocks then hold per-rank partial gradients while the head holds full ones. Scaling
@@ -138,7 +127,18 @@ def apply_context_parallel(model, cp_mesh) -> None:
     """
     from diffusers import ContextParallelConfig
 
+    from ..distributed import cpu_accelerator_shim
+
     cp = cp_mesh.size()  # ring 1 x ulysses cp
-    with _one_accelerator_on_cpu():
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=cp, ulysses_anything=True, mesh=cp_mesh))
+    with cpu_accelerator_shim():  # diffusers divides by torch.accelerator.device_count(), 0 on CPU
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=cp, mesh=cp_mesh))
     model.token_gather.register_forward_pre_hook(lambda module, args: (_ScaleGrad.apply(args[0], float(cp)),))
+
+
+def check_cp_divides(cp: int, height: int, width: int, patch: int = 2, vae_stride: int = 8) -> None:
+    tokens = (height // vae_stride // patch) * (width // vae_stride // patch)
+    if cp > 1 and tokens % cp:
+        raise UserInputError(
+            f"--cp-degree {cp} does not divide the {tokens} tokens per latent frame at {height}x{width}: "
+            f"choose a cp degree that divides {tokens} or change the size"
+        )

@@ -29,6 +29,7 @@ from .parallelize import (
     apply_activation_checkpointing,
     apply_context_parallel,
     apply_fsdp,
+    check_cp_divides,
     init_runtime,
 )
 
@@ -213,7 +214,7 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
             else:
                 (tmp / "transformer").mkdir()
                 save_torch_state_dict(
-                    {k: v.contiguous() for k, v in full.items()},
+                    {k: v.detach().clone() for k, v in full.items()},  # own storage (FSDP gathers into padded buffers)
                     tmp / "transformer",
                     filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
                     max_shard_size="10GB",
@@ -299,9 +300,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.parallel.gradient_checkpointing:
         apply_activation_checkpointing(model)
     if rt.cp_mesh is not None:
+        check_cp_divides(rt.dims.cp, cfg.data.height, cfg.data.width, model.config.patch_size[1])
         apply_context_parallel(model, rt.cp_mesh)
     if rt.dims.distributed:
         apply_fsdp(model, rt.world_mesh, cfg.parallel.mixed_precision)
+        # the velocity is a reshaped view; nothing modifies it in place, so FSDP's warning does not apply
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
