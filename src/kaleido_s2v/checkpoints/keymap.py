@@ -188,6 +188,7 @@ T5_GLOBAL: dict[str, str] = {
     "token_embedding.weight": "shared.weight",  # tied to encoder.embed_tokens.weight in UMT5EncoderModel
     "norm.weight": "encoder.final_layer_norm.weight",
 }
+_T5_ATTN = "encoder.block.{i}.layer.0.SelfAttention"
 T5_LAYER: dict[str, str] = {
     "blocks.{i}.norm1.weight": "encoder.block.{i}.layer.0.layer_norm.weight",
     "blocks.{i}.attn.q.weight": "encoder.block.{i}.layer.0.SelfAttention.q.weight",
@@ -195,7 +196,7 @@ T5_LAYER: dict[str, str] = {
     "blocks.{i}.attn.v.weight": "encoder.block.{i}.layer.0.SelfAttention.v.weight",
     "blocks.{i}.attn.o.weight": "encoder.block.{i}.layer.0.SelfAttention.o.weight",
     # umT5: every layer has its own relative position bias
-    "blocks.{i}.pos_embedding.embedding.weight": "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
+    "blocks.{i}.pos_embedding.embedding.weight": f"{_T5_ATTN}.relative_attention_bias.weight",
     "blocks.{i}.norm2.weight": "encoder.block.{i}.layer.1.layer_norm.weight",
     # Wan: fc2(fc1(x) * GELU_tanh(gate(x)));  HF gated-gelu: wo(gelu_new(wi_0(x)) * wi_1(x))
     "blocks.{i}.ffn.gate.0.weight": "encoder.block.{i}.layer.1.DenseReluDense.wi_0.weight",

@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 from ..errors import UserInputError
@@ -31,25 +32,24 @@ def load_torch_file(path: str | os.PathLike, trust_pickle: bool = False, mmap: b
     path = Path(path)
     if trust_pickle:
         warnings.warn(f"{path}: loading with full unpickling (--trust-pickle): the file can run code", stacklevel=2)
+    # Only torch's zip format (the default since torch 1.6) can be memory-mapped; older files load fully.
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if not found:
             detail = re.search(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", str(e), re.S)
             reason = detail.group(1).strip() if detail else str(e).splitlines()[0][:200]
             raise UserInputError(f"{path}: not a readable torch checkpoint ({reason})") from None
-        what = found.group(1)
         raise UserInputError(
-            f"{path}: refused to unpickle {what} (not a plain tensor/container type, so loading it could run code); "
-            "if you trust where this file comes from, pass --trust-pickle"
+            f"{path}: refused to unpickle {found.group(1)} (not a plain tensor/container type, so loading it could "
+            "run code); if you trust where this file comes from, pass --trust-pickle"
         ) from None
-    except RuntimeError as e:
-        msg = str(e)
-        if mmap and "mmap" in msg:  # legacy (non-zip) torch.save format cannot be memory-mapped
-            warnings.warn(f"{path}: old torch.save format, loading fully into memory", stacklevel=2)
-            return load_torch_file(path, trust_pickle=trust_pickle, mmap=False)
-        raise UserInputError(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0][:200]})") from None
-    except (EOFError, OSError, ValueError) as e:
-        raise UserInputError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserInputError(f"{path}: not a readable torch checkpoint ({msg})") from None
+    if not mmap:
+        warnings.warn(f"{path}: old torch.save format (not zip): loaded fully into memory", stacklevel=2)
+    return obj
