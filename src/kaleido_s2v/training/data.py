@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -180,6 +181,8 @@ def load_clip(sample: Sample, *, num_frames: int, fps: float, rng: np.random.Gen
     span = num_frames / fps
     slack = max(0.0, end - sample.start_s - span)
     start = sample.start_s + (float(rng.uniform(0.0, slack)) if rng is not None and slack > 0 else 0.0)
+    if info.fps > 0 and start > sample.start_s:  # snap a random start onto a source frame (read_video starts there)
+        start = max(sample.start_s, math.floor(start * info.fps + 1e-6) / info.fps)
     frames = read_video(sample.video, fps=fps, start_s=start, end_s=min(end, start + span + 0.5 / fps),
                         max_frames=num_frames)
     if len(frames) < num_frames:

@@ -7,6 +7,7 @@ all ranks; each cp group of consecutive ranks sees the same samples and splits t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -130,7 +131,9 @@ def apply_context_parallel(model, cp_mesh) -> None:
     from ..distributed import cpu_accelerator_shim
 
     cp = cp_mesh.size()  # ring 1 x ulysses cp
-    with cpu_accelerator_shim():  # diffusers divides by torch.accelerator.device_count(), 0 on CPU
+    # diffusers divides by torch.accelerator.device_count(), which is 0 on a CPU-only host
+    shim = cpu_accelerator_shim() if torch.accelerator.device_count() == 0 else contextlib.nullcontext()
+    with shim:
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=cp, mesh=cp_mesh))
     model.token_gather.register_forward_pre_hook(lambda module, args: (_ScaleGrad.apply(args[0], float(cp)),))
 
