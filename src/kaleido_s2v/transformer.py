@@ -16,10 +16,13 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models._modeling_parallel import ContextParallelInput
 from diffusers.models.attention import AttentionMixin
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -31,6 +34,33 @@ from diffusers.utils import apply_lora_scale
 from .rope import KaleidoRotaryPosEmbed, check_ref_rope, token_positions
 
 ReferenceLatents = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather of token shards split like `Tensor.tensor_split` (sizes may differ by one).
+
+    Shards are padded to equal length first, so it works on every backend (gloo's allgather and
+    diffusers' equal-size gather need equal shapes). Backward returns this rank's slice, as diffusers'
+    `AllGatherFunction` does.
+    """
+
+    @staticmethod
+    def forward(ctx, shard: torch.Tensor, seq_len: int, group) -> torch.Tensor:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = [seq_len // world + (1 if r < seq_len % world else 0) for r in range(world)]
+        if shard.shape[1] != sizes[rank]:
+            raise RuntimeError(f"rank {rank} holds {shard.shape[1]} tokens, expected {sizes[rank]} of {seq_len}")
+        ctx.bounds = (sum(sizes[:rank]), sizes[rank])
+        padded = F.pad(shard, (0, 0, 0, max(sizes) - sizes[rank])).contiguous()
+        full = funcol.all_gather_tensor(padded, gather_dim=1, group=group)
+        full = funcol.wait_tensor(full) if isinstance(full, funcol.AsyncCollectiveTensor) else full
+        chunks = full.split(max(sizes), dim=1)
+        return torch.cat([c[:, :n] for c, n in zip(chunks, sizes)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        start, size = ctx.bounds
+        return grad[:, start : start + size], None, None
 
 
 class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
@@ -54,9 +84,9 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
     _repeated_blocks = ["WanTransformerBlock"]
     # Context parallel (Ulysses/ring): the whole sequence [references | video] is split on the token dim,
-    # together with its R-RoPE cos/sin; it is gathered again at `token_gather`, *before* the reference
-    # tokens are dropped (they sit at the front, i.e. on the first rank(s)). Reference token counts rarely
-    # divide the world size: use `ContextParallelConfig(..., ulysses_anything=True)` (uneven shards).
+    # together with its R-RoPE cos/sin, and gathered again in `forward` *before* the reference tokens are
+    # dropped (they sit at the front, i.e. on the first rank(s)). Reference token counts rarely divide the
+    # world size: use `ContextParallelConfig(..., ulysses_anything=True)` (uneven shards).
     _cp_plan = {
         "rope": {
             0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
@@ -65,7 +95,6 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
         "blocks.0": {
             "hidden_states": ContextParallelInput(split_dim=1, expected_dims=3, split_output=False),
         },
-        "token_gather": ContextParallelOutput(gather_dim=1, expected_dims=3),
     }
 
     @register_to_config
@@ -124,8 +153,7 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
             ]
         )
 
-        # 4. Gather point for context parallelism (identity on one device), output norm & projection
-        self.token_gather = nn.Identity()
+        # 4. Output norm & projection
         self.norm_out = FP32LayerNorm(inner_dim, eps, elementwise_affine=False)
         self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
@@ -166,6 +194,13 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
     def _embed(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, T*H'*W', D) tokens, raster order."""
         return self.patch_embedding(latents).flatten(2).transpose(1, 2)
+
+    def _gather_context_parallel(self, hidden_states: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Under context parallelism, gather the token shards back into the full (B, L, D) sequence."""
+        cp_config = getattr(self._parallel_config, "context_parallel_config", None)
+        if cp_config is None:
+            return hidden_states
+        return _GatherTokens.apply(hidden_states, seq_len, cp_config._flattened_mesh.get_group())
 
     # ------------------------------------------------------------------ forward
     @apply_lora_scale("attention_kwargs")
@@ -223,7 +258,8 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
                 hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
 
         # 4. Drop the reference tokens, then output norm, projection & unpatchify (as Wan)
-        hidden_states = self.token_gather(hidden_states)[:, num_ref_tokens:]  # (B, T'*H'*W', D)
+        hidden_states = self._gather_context_parallel(hidden_states, positions.shape[0])
+        hidden_states = hidden_states[:, num_ref_tokens:]  # (B, T'*H'*W', D)
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         shift = shift.to(hidden_states.device)
         scale = scale.to(hidden_states.device)
