@@ -103,19 +103,29 @@ def read_video(
             if max_frames is not None and len(frames) >= max_frames:
                 break
     else:
+        # Frame i covers [t_i, t_{i+1}); the last one covers one more frame gap. Target time
+        # start_s + k/fps takes the frame covering it.
         step = 1.0 / fps
-        next_t = start_s
-        last = None
-        for t, f in iter_frames(path, start_s, end_s):
-            # emit the previous frame for every target time that falls before this frame
-            while last is not None and next_t < t - 1e-6:
-                frames.append(last)
-                next_t = start_s + len(frames) * step
+        prev = prev_t = None
+        gap = step
+
+        def emit_until(limit: float) -> bool:
+            while start_s + len(frames) * step < limit - 1e-6:
+                frames.append(prev)
                 if max_frames is not None and len(frames) >= max_frames:
+                    return True
+            return False
+
+        for t, f in iter_frames(path, start_s, end_s):
+            if prev is not None:
+                gap = t - prev_t
+                if emit_until(t):
                     return np.stack(frames)
-            last = f
-        if last is not None and (max_frames is None or len(frames) < max_frames):
-            frames.append(last)
+            prev, prev_t = f, t
+        if prev is not None:
+            end = prev_t + gap if end_s is None else min(prev_t + gap, end_s)
+            if not emit_until(end) and not frames:
+                frames.append(prev)
     if not frames:
         raise UserInputError(f"video '{path}' has no frames in [{start_s}, {end_s}) s: check the file or the window")
     return np.stack(frames)

@@ -1,0 +1,82 @@
+"""The `kaleido-s2v` entry points: installed console script, `python -m`, dispatcher behaviour."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kaleido_s2v.cli import COMMANDS, main
+
+BIN = Path(sys.executable).parent / "kaleido-s2v"
+
+
+def test_installed_console_script_help_is_fast():
+    assert BIN.exists(), "install the package (pip install -e .) to get the kaleido-s2v script"
+    start = time.perf_counter()
+    proc = subprocess.run([str(BIN), "--help"], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    for name in COMMANDS:
+        assert name in proc.stdout
+    # --help must not import torch/diffusers: a generous bound, far below a torch import on this machine
+    assert elapsed < 5.0, f"kaleido-s2v --help took {elapsed:.1f}s"
+
+
+def test_help_does_not_import_heavy_modules():
+    code = "import sys; from kaleido_s2v.cli import main; main(['--help']) if False else None; " \
+           "import kaleido_s2v.cli; print('torch' in sys.modules, 'diffusers' in sys.modules)"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"
+
+
+def test_python_dash_m_runs_info_json():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kaleido_s2v", "info", "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["kaleido_s2v"] and "shift_hw" in info["ref_rope_variants"]
+
+
+def test_unknown_command_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["teleport"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    assert "commands:" in capsys.readouterr().out
+
+
+def test_every_registered_command_module_has_the_interface():
+    from importlib import import_module
+
+    for name, (module_name, _) in COMMANDS.items():
+        try:
+            module = import_module(module_name)
+        except ModuleNotFoundError:
+            pytest.fail(f"subcommand {name!r} is registered but {module_name} does not exist")
+        assert callable(module.add_arguments) and callable(module.run)
+
+
+def test_user_input_error_becomes_one_line_and_exit_2(monkeypatch, capsys):
+    import types
+
+    from kaleido_s2v.errors import UserInputError
+
+    def run(args):
+        raise UserInputError("reference image 'x.png' does not exist: check the path")
+
+    fake = types.SimpleNamespace(add_arguments=lambda p: None, run=run)
+    monkeypatch.setitem(COMMANDS, "fake", ("fake_module", "a fake command"))
+    monkeypatch.setitem(sys.modules, "fake_module", fake)
+    assert main(["fake"]) == 2
+    err = capsys.readouterr().err
+    assert err == "kaleido-s2v fake: error: reference image 'x.png' does not exist: check the path\n"
