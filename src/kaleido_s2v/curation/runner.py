@@ -230,6 +230,7 @@ def run_pipeline(
     write_manifest(manifest_path, clips)
 
     # 2. the clip stages, in the given order
+    extra: dict[str, Any] = {}
     active = set(sources)
     for stage in stages:
         fp = stage.fingerprint()
@@ -246,7 +247,9 @@ def run_pipeline(
         done_by_id = {c.clip_id: c for c in done}
         clips = [done_by_id.get(c.clip_id, c) for c in clips]
         if hasattr(stage, "finalize"):
-            stage.finalize([c for c in clips if c.source in active])
+            t0 = time.perf_counter()
+            extra[stage.name] = stage.finalize(clips)
+            stats[stage.name].seconds += time.perf_counter() - t0
         write_manifest(manifest_path, clips)
 
     # 3. kept clips as files; files of clips rejected since are removed
@@ -264,5 +267,6 @@ def run_pipeline(
 
     summary = summarize(clips, {k: v.as_dict() for k, v in stats.items()})
     summary["executor"] = executor.name
+    summary.update(extra)  # e.g. export: samples per type
     write_summary(output_dir, summary)
     return CurateResult(clips=clips, summary=summary, stats=stats)

@@ -9,6 +9,7 @@ OpenS2V's and transformers' defaults.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +22,13 @@ from ..tasks import Clip
 
 def assign_phrase(label: str, phrases: list[str]) -> int | None:
     """Index of the candidate phrase a Grounding DINO label belongs to (labels are sub-token spans)."""
-    label = label.strip().lower()
-    if not label:
+    words = set(re.findall(r"[a-z0-9'-]+", label.lower())) - {"sep", "cls", "pad"}
+    label = " ".join(sorted(words))
+    if not words:
         return None
     for i, p in enumerate(phrases):
         if label == p:
             return i
-    words = set(label.split())
     best, best_overlap = None, 0
     for i, p in enumerate(phrases):
         overlap = len(words & set(p.split()))
