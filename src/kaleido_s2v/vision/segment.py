@@ -41,41 +41,38 @@ class SAM:
     @torch.no_grad()
     def segment(self, images: Images, boxes: Sequence[Sequence[Box]],
                 batch_size: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
-        """For image i and its boxes[i] (possibly empty): (masks bool (n, H, W), predicted IoU (n,))."""
+        """For image i and its boxes[i] (possibly empty): (masks bool (n, H, W), predicted IoU (n,)).
+
+        Images with the same number of boxes are preprocessed, embedded and decoded together, `batch_size` at a
+        time (each image is embedded once, whatever its number of boxes).
+        """
         pils = to_pil_list(images)
         if len(boxes) != len(pils):
             raise ValueError(f"segment() got {len(pils)} images but {len(boxes)} box lists")
-        out: list[tuple[np.ndarray, np.ndarray]] = []
-        for sl in batches(len(pils), batch_size):
-            chunk, chunk_boxes = pils[sl], boxes[sl]
-            todo = [j for j, b in enumerate(chunk_boxes) if len(b)]
-            res = {j: (np.zeros((0, im.size[1], im.size[0]), bool), np.zeros(0, np.float32))
-                   for j, im in enumerate(chunk)}
-            if todo:
-                enc = self.processor(images=[chunk[j] for j in todo], return_tensors="pt")
-                px = enc["pixel_values"].to(self.device, self.dtype)
-                embeddings = self.model.get_image_embeddings(px)
-                for k, j in enumerate(todo):
-                    res[j] = self._decode(chunk[j], chunk_boxes[j], embeddings, k, enc)
-            out.extend(res[j] for j in range(len(chunk)))
+        out: list[tuple[np.ndarray, np.ndarray]] = [
+            (np.zeros((0, im.size[1], im.size[0]), bool), np.zeros(0, np.float32)) for im in pils]
+        groups: dict[int, list[int]] = {}
+        for i, b in enumerate(boxes):
+            if len(b):
+                groups.setdefault(len(b), []).append(i)
+        for ids in groups.values():
+            for sl in batches(len(ids), batch_size):
+                chunk = ids[sl]
+                for i, res in zip(chunk, self._segment_batch([pils[i] for i in chunk], [boxes[i] for i in chunk])):
+                    out[i] = res
         return out
 
-    def _decode(self, image, boxes, embeddings, k, enc):
-        prompt = self.processor(images=image, input_boxes=[[list(map(float, b)) for b in boxes]],
-                                return_tensors="pt")
-        input_boxes = prompt["input_boxes"].to(self.device, self.dtype)
+    def _segment_batch(self, images, boxes):
+        enc = self.processor(images=images, input_boxes=[[list(map(float, b)) for b in bx] for bx in boxes],
+                             return_tensors="pt")
+        embeddings = self.model.get_image_embeddings(enc["pixel_values"].to(self.device, self.dtype))
+        outputs = self.model(input_boxes=enc["input_boxes"].to(self.device, self.dtype),
+                             image_embeddings=embeddings, multimask_output=False)
+        pred = outputs.pred_masks.float().cpu()
         if self.is_sam2:
-            emb = [e[k:k + 1] for e in embeddings]
+            masks = self.processor.post_process_masks(pred, enc["original_sizes"].cpu())
         else:
-            emb = embeddings[k:k + 1]
-        outputs = self.model(input_boxes=input_boxes, image_embeddings=emb, multimask_output=False)
-        if self.is_sam2:
-            masks = self.processor.post_process_masks(outputs.pred_masks.float().cpu(),
-                                                      prompt["original_sizes"].cpu())[0]
-        else:
-            masks = self.processor.image_processor.post_process_masks(
-                outputs.pred_masks.float().cpu(), prompt["original_sizes"].cpu(),
-                enc["reshaped_input_sizes"][k:k + 1].cpu())[0]
-        masks = masks[:, 0].numpy().astype(bool)  # (n, H, W)
-        ious = outputs.iou_scores[0, :, 0].float().cpu().numpy()
-        return masks, ious
+            masks = self.processor.image_processor.post_process_masks(pred, enc["original_sizes"].cpu(),
+                                                                      enc["reshaped_input_sizes"].cpu())
+        ious = outputs.iou_scores[:, :, 0].float().cpu().numpy()
+        return [(m[:, 0].numpy().astype(bool), q) for m, q in zip(masks, ious)]

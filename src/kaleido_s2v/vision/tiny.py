@@ -85,7 +85,7 @@ def save_tiny_grounding_dino(path: str | os.PathLike, seed: int = 0, num_queries
                                    image_size=64, out_features=["stage2", "stage3", "stage4"]),
         text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                intermediate_size=64, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        d_model=64, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
         encoder_attention_heads=2, decoder_attention_heads=2, num_queries=num_queries, max_text_len=32,
         num_feature_levels=4, encoder_n_points=2, decoder_n_points=2,
     )

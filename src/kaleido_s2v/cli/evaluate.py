@@ -1,0 +1,83 @@
+"""`kaleido-s2v evaluate`: score generated videos against their references and prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import UserInputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..evaluation.registry import metrics_help
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (metrics_help() + "\n\nDefault: every metric whose model roles are configured. Outputs: "
+                     "OUTPUT/scores.json, scores.csv, report.html. See docs/evaluate.md for every parameter.")
+    parser.add_argument("--cases", required=True, type=Path,
+                        help="JSONL, one case per line: id, video (relative to --videos), prompt, references "
+                             "(paths relative to this file, or {path, label, kind}), optional labels")
+    parser.add_argument("--videos", required=True, type=Path, help="folder of the generated videos")
+    parser.add_argument("--models", type=Path, default=None,
+                        help="YAML/JSON mapping model roles to local folders (see the roles below)")
+    parser.add_argument("--output", "-o", required=True, type=Path, help="output folder")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated metric names (default: all whose models are configured)")
+    parser.add_argument("--params", default=None,
+                        help="JSON object or JSON/YAML file overriding metric parameters, e.g. "
+                             "'{\"s2v\": {\"box_threshold\": 0.3}, \"text_alignment\": {\"frames\": 8}}'")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per model forward (default 16)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="record a missing/corrupt video or a failing metric in scores.json and continue "
+                             "(default: stop with exit code 2)")
+    parser.add_argument("--json", action="store_true", help="print the mean scores as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _read_params(value: str | None) -> dict:
+    if not value:
+        return {}
+    path = Path(value)
+    try:
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        else:
+            data = json.loads(value)
+    except Exception as e:
+        raise UserInputError(f"--params '{value}' is neither a JSON object nor a readable JSON/YAML file "
+                             f"({type(e).__name__})") from e
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise UserInputError("--params must map metric names (or 's2v') to objects of parameters")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation import evaluate, read_cases, read_models
+    from ..vision.common import resolve_device
+
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    model_paths = read_models(args.models)
+    cases = read_cases(args.cases, args.videos)
+    params = _read_params(args.params)
+    device = str(resolve_device(args.device))
+    scores = evaluate(cases, model_paths, args.output, metrics=metrics, device=device, batch_size=args.batch_size,
+                      params=params, keep_going=args.keep_going, progress=not args.no_progress)
+    summary = {"output": str(args.output), "cases": len(cases), "mean": scores["mean"],
+               "errors": scores["errors"], "seconds_per_case": scores["run"]["seconds_per_case"]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for m, v in scores["mean"].items():
+            print(f"{m:24} {'n/a' if v is None else f'{v:.4f}'}")
+        print(f"wrote {args.output / 'scores.json'}, scores.csv, report.html")
+    return 0
