@@ -123,8 +123,9 @@ def apply_context_parallel(model, cp_mesh) -> None:
     ensures h·w divides by the cp size.
 
     Each cp rank computes the full loss after the gather, whose backward hands every rank only its own
-    tokens' gradient: blocks then hold per-rank partial gradients while the head holds full ones. Scaling
-    the gradient entering the gather by the cp size makes FSDP's mean over all ranks exact for both.
+    tokens' gradient: blocks then hold per-rank partial gradients while the head holds full ones. Scaling the
+    gradient entering the gather (the last block's output) by the cp size makes FSDP's mean over all ranks
+    exact for both.
     """
     from diffusers import ContextParallelConfig
 
@@ -135,7 +136,8 @@ def apply_context_parallel(model, cp_mesh) -> None:
     shim = cpu_accelerator_shim() if torch.accelerator.device_count() == 0 else contextlib.nullcontext()
     with shim:
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=cp, mesh=cp_mesh))
-    model.token_gather.register_forward_pre_hook(lambda module, args: (_ScaleGrad.apply(args[0], float(cp)),))
+    # the last block's output is what the transformer gathers (before dropping the reference tokens)
+    model.blocks[-1].register_forward_hook(lambda module, args, out: _ScaleGrad.apply(out, float(cp)))
 
 
 def check_cp_divides(cp: int, height: int, width: int, patch: int = 2, vae_stride: int = 8) -> None:
