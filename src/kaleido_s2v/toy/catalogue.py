@@ -58,7 +58,7 @@ def _regular(n: int, radius: float, start_deg: float = -90.0) -> tuple[float, ..
     return tuple(pts)
 
 
-def _star_pieces(outer: float = 1.1, inner: float = 0.48) -> list[Primitive]:
+def _star_pieces(outer: float = 1.12, inner: float = 0.56) -> list[Primitive]:
     """A five-pointed star as the union of its inner pentagon and five spike triangles (all convex)."""
     pieces = [Primitive("poly", _regular(5, inner, -90.0 + 36.0))]
     for k in range(5):
@@ -79,17 +79,52 @@ SHAPES: dict[str, list[Primitive]] = {
     "ring": [Primitive("ellipse", (0.0, 0.0, 1.0, 1.0)), Primitive("ellipse", (0.0, 0.0, 0.55, 0.55), "hole")],
 }
 
+def _normalised(parts: list[Primitive], extent: float = 1.1) -> list[Primitive]:
+    """Move the area centroid to the origin (so a character spins about its centre) and fit within `extent`."""
+    total, mx, my = 0.0, 0.0, 0.0
+    for p in parts:
+        if p.kind == "ellipse":
+            cx, cy, rx, ry = p.params
+            a = math.pi * rx * ry
+        else:
+            pts = list(zip(p.params[::2], p.params[1::2]))
+            cross = [pts[i - 1][0] * pts[i][1] - pts[i][0] * pts[i - 1][1] for i in range(len(pts))]
+            a = sum(cross) / 2
+            cx = sum((pts[i - 1][0] + pts[i][0]) * cross[i] for i in range(len(pts))) / (6 * a)
+            cy = sum((pts[i - 1][1] + pts[i][1]) * cross[i] for i in range(len(pts))) / (6 * a)
+            a = abs(a)
+        total, mx, my = total + a, mx + a * cx, my + a * cy
+    ox, oy = mx / total, my / total
+    reach = 0.0
+    for p in parts:
+        if p.kind == "ellipse":
+            cx, cy, rx, ry = p.params
+            reach = max(reach, math.hypot(cx - ox, cy - oy) + max(rx, ry))
+        else:
+            reach = max(reach, *(math.hypot(x - ox, y - oy) for x, y in zip(p.params[::2], p.params[1::2])))
+    k = min(1.0, extent / reach)
+    out = []
+    for p in parts:
+        if p.kind == "ellipse":
+            cx, cy, rx, ry = p.params
+            params = ((cx - ox) * k, (cy - oy) * k, rx * k, ry * k)
+        else:
+            params = tuple((v - (ox if i % 2 == 0 else oy)) * k for i, v in enumerate(p.params))
+        out.append(Primitive(p.kind, params, p.role))
+    return out
+
+
 # "characters" have parts in two colours: the body colour and an accent colour
 CHARACTERS: dict[str, list[Primitive]] = {
-    "figure": [
+    "figure": _normalised([
         Primitive("poly", (-0.45, 0.0, 0.45, 0.0, 0.55, 1.05, -0.55, 1.05)),  # body
         Primitive("ellipse", (0.0, -0.3, 0.3, 0.3)),  # head
         Primitive("poly", (-0.42, -0.52, 0.42, -0.52, 0.0, -1.1), "accent"),  # hat
-    ],
-    "house": [
+    ]),
+    "house": _normalised([
         Primitive("poly", (-0.72, -0.05, 0.72, -0.05, 0.72, 0.95, -0.72, 0.95)),  # walls
         Primitive("poly", (-0.95, -0.05, 0.95, -0.05, 0.0, -0.95), "accent"),  # roof
-    ],
+    ]),
 }
 ACCENT_NOUN = {"figure": "hat", "house": "roof"}
 

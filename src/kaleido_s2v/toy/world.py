@@ -158,7 +158,7 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     n = int(rng.integers(cfg.min_subjects, cfg.max_subjects + 1))
     free = list(COLOURS)
     aspect = cfg.width / cfg.height
-    size_range = {1: (0.16, 0.21), 2: (0.13, 0.17)}.get(n, (0.11, 0.14))
+    size_range = {1: (0.17, 0.22), 2: (0.15, 0.19)}.get(n, (0.13, 0.16))
     tracks, paths = [], []
     for _ in range(n):
         subject = _sample_subject(rng, free, cfg)
