@@ -118,7 +118,9 @@ def test_a_loaded_scheduler_config_cannot_change_the_grid():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     components = tiny_components(seed=0)
-    components["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, use_karras_sigmas=True)
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, use_karras_sigmas=True
+    )
     p = KaleidoPipeline(**components)
     s = 1.0 - np.arange(50) / 50
     np.testing.assert_allclose(p.set_official_timesteps(50).numpy(), 7000 * s / (1 + 6 * s), rtol=0, atol=2e-4)
@@ -296,10 +298,12 @@ def test_load_lora_weights_as_wan_pipelines(refs, tmp_path):
     trained = KaleidoPipeline(**tiny_components(seed=0))
     trained.set_progress_bar_config(disable=True)
     base = _run(trained, references=refs, num_inference_steps=2).frames.numpy()
-    trained.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    trained.transformer.add_adapter(config)
     with_lora = _run(trained, references=refs, num_inference_steps=2).frames.numpy()
     assert np.abs(with_lora - base).max() > 1e-4
-    KaleidoPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained.transformer))
+    lora_layers = get_peft_model_state_dict(trained.transformer)
+    KaleidoPipeline.save_lora_weights(tmp_path, transformer_lora_layers=lora_layers)
 
     fresh = KaleidoPipeline(**tiny_components(seed=0))
     fresh.set_progress_bar_config(disable=True)
@@ -315,4 +319,7 @@ def test_expected_slice(pipe, refs):
     np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
-EXPECTED_SLICE = [2.3884, 1.1355, 1.2658, -0.1409, -1.1224, -1.5789, 0.3089, -0.0093, 1.2627, -1.5733, 0.2468, -0.2754, 3.5279, -0.3305, -0.8619, -1.7007]
+EXPECTED_SLICE = [
+    2.3884, 1.1355, 1.2658, -0.1409, -1.1224, -1.5789, 0.3089, -0.0093,
+    1.2627, -1.5733, 0.2468, -0.2754, 3.5279, -0.3305, -0.8619, -1.7007,
+]
