@@ -324,8 +324,9 @@ def _write(out, num: int, seed: int, cfg: WorldConfig, mix, make, video_dir: str
                 _save_png(tmp / refs[-1], img)
             manifest.append({"clip_id": clip_id, "video": video, "caption": text, "references": refs,
                              "status": "kept", "ref_type": kinds[i]})
-            scenes.append({"clip_id": clip_id, "caption": text, "ref_type": kinds[i], "scene": scene.to_dict(),
-                           "references": infos})
+            infos = [{"path": path, **info} for path, info in zip(refs, infos)]
+            scenes.append({"clip_id": clip_id, "video": video, "caption": text, "ref_type": kinds[i],
+                           "scene": scene.to_dict(), "references": infos})
         _jsonl(tmp / "manifest.jsonl", manifest)
         _jsonl(tmp / "scenes.jsonl", scenes)
         summary = {"out": str(out), "num": num, "seed": seed, "config": cfg.__dict__,
