@@ -214,6 +214,12 @@ def write_component(
     return _component_summary(tensors, shards, **extra)
 
 
+def _umt5_class():
+    from transformers import UMT5EncoderModel
+
+    return UMT5EncoderModel
+
+
 def _model_index(components: dict[str, type]) -> dict:
     """model_index.json exactly as `KaleidoPipeline.save_pretrained` writes it (diffusers' own naming rule:
     a class outside diffusers/transformers is named by its module, e.g. `kaleido_s2v.transformer`)."""
@@ -245,11 +251,11 @@ def convert(
     `t5_max_distance`: umT5's relative_attention_max_distance (Wan's T5 uses 128; not stored in the weights).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from transformers import UMT5EncoderModel
 
     from .t5 import convert_tokenizer, plan_text_encoder
     from .vae import plan_vae
 
+    start = time.perf_counter()
     if dtype not in DTYPES:
         raise UserInputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
@@ -272,7 +278,7 @@ def convert(
         plans["text_encoder"] = plan_text_encoder(layout.t5_file, torch_dtype, trust_pickle, t5_max_distance)
 
     # 2. Write into a temporary folder beside dst; rename at the end.
-    start = time.perf_counter()
+    planned = time.perf_counter()
     summary: dict = {
         "source": str(layout.root),
         "source_format": layout.format,
@@ -310,7 +316,7 @@ def convert(
             summary["components"]["text_encoder"] = write_component(
                 tensors, config, tmp / "text_encoder", "model", max_shard_bytes, "text_encoder", progress
             )
-            index["text_encoder"] = UMT5EncoderModel
+            index["text_encoder"] = _umt5_class()
         if "tokenizer" in components:
             cls = convert_tokenizer(layout.tokenizer_dir, tmp / "tokenizer")
             files = sorted(p.name for p in (tmp / "tokenizer").iterdir())
@@ -319,6 +325,9 @@ def convert(
         FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT).save_pretrained(tmp / "scheduler")
         index["scheduler"] = FlowMatchEulerDiscreteScheduler
         (tmp / "model_index.json").write_text(json.dumps(_model_index(index), indent=2) + "\n")
-        summary["seconds"] = round(time.perf_counter() - start, 3)
+        now = time.perf_counter()
+        summary["seconds"] = round(now - start, 3)
+        summary["plan_seconds"] = round(planned - start, 3)  # imports, loading (mmap), checks
+        summary["write_seconds"] = round(now - planned, 3)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

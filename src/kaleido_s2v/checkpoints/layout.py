@@ -63,8 +63,8 @@ def is_diffusers_pipeline(path: str | os.PathLike) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def _looks_official(root: Path) -> bool:
-    return (root / "model").is_dir() or (root / OFFICIAL_T5_DIR).is_dir()
+def _looks_official(root: Path) -> bool:  # (a `latest` file: the user named the release's model/ folder)
+    return (root / "model").is_dir() or (root / OFFICIAL_T5_DIR).is_dir() or (root / "latest").is_file()
 
 
 def _looks_wan(root: Path) -> bool:
@@ -98,20 +98,25 @@ def _tokenizer_ok(folder: Path) -> bool:
     return folder.is_dir() and any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
-def detect_source(src: str | os.PathLike, only=None, src_format: str = "auto") -> SourceLayout:
-    """Validate a release folder and return its `SourceLayout`; `UserInputError` names every missing file."""
+def detect_source(src: str | os.PathLike, only=None, src_format: str = "auto", label: str = "--src ") -> SourceLayout:
+    """Validate a release folder and return its `SourceLayout`; `UserInputError` names every missing file.
+
+    `label` prefixes error messages (the CLI flag that named the folder)."""
     root = Path(src).expanduser()
     components = _parse_components(only)
     if not root.is_dir():
-        raise UserInputError(f"--src {root}: no such folder; expected an official Kaleido release ({OFFICIAL_TREE})")
+        raise UserInputError(f"{label}{root}: no such folder; expected an official Kaleido release ({OFFICIAL_TREE})")
     if (root / "latest").is_file() and (root.parent / OFFICIAL_LATEST).is_file():
-        raise UserInputError(f"--src {root}: this is the release's model/ folder; pass its parent {root.parent}")
+        raise UserInputError(f"{label}{root}: this is the release's model/ folder; pass its parent {root.parent}")
     fmt = guess_format(root) if src_format == "auto" else src_format
     if fmt not in ("official", "wan"):
         if is_diffusers_pipeline(root):
-            raise UserInputError(f"--src {root}: already a diffusers pipeline folder (model_index.json); no conversion")
+            raise UserInputError(
+                f"{label}{root}: already a diffusers pipeline folder (model_index.json); no conversion"
+            )
         raise UserInputError(
-            f"--src {root}: not a Kaleido release (expected {OFFICIAL_TREE}) nor a Wan2.1 release (expected {WAN_TREE})"
+            f"{label}{root}: not a Kaleido release (expected {OFFICIAL_TREE}) "
+            f"nor a Wan2.1 release (expected {WAN_TREE})"
         )
 
     layout = SourceLayout(root=root, format=fmt, components=components)
@@ -154,7 +159,7 @@ def detect_source(src: str | os.PathLike, only=None, src_format: str = "auto") -
     if missing:
         what = "official Kaleido release" if fmt == "official" else "Wan2.1 release"
         raise UserInputError(
-            f"--src {root}: incomplete {what}; missing {'; '.join(missing)} "
+            f"{label}{root}: incomplete {what}; missing {'; '.join(missing)} "
             "(use --only to convert a subset of transformer,vae,text_encoder,tokenizer)"
         )
     return layout
@@ -197,7 +202,7 @@ def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache
             f"{root}: not a model folder; expected a diffusers pipeline folder (with model_index.json), "
             f"an official Kaleido release ({OFFICIAL_TREE}) or a Wan2.1 release ({WAN_TREE})"
         )
-    layout = detect_source(root)
+    layout = detect_source(root, label="")
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     dst = cache_root / f"{root.resolve().name}-{source_fingerprint(layout)}"
     if is_diffusers_pipeline(dst):
