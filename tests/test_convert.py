@@ -256,6 +256,19 @@ def test_wan_release_converts(tmp_path, models, prefix):
     )
 
 
+def test_wan_i2v_keys_are_rejected(tmp_path, models, capsys):
+    sd = models["transformer"].state_dict()
+    root = save_wan_release(tmp_path / "Wan2.1-I2V-14B", sd, num_shards=1)
+    from safetensors.torch import save_file
+
+    save_file(
+        {"blocks.0.cross_attn.k_img.weight": torch.zeros(128, 128)},
+        str(root / "diffusion_pytorch_model-extra.safetensors"),
+    )
+    assert main(["convert", "--src", str(root), "--dst", str(tmp_path / "out"), "--only", "transformer"]) == 2
+    assert "unexpected DiT keys blocks.0.cross_attn.k_img.weight" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ strictness
 def _dit(models):
     return bf16(models["transformer"].state_dict())
@@ -306,6 +319,9 @@ def test_missing_or_malformed_source_folder(tmp_path, capsys, models):
     assert main(["convert", "--src", str(tmp_path / "rel"), "--dst", out]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path}/rel/Wan2.1_VAE.pth" in err and "umt5-xxl/models_t5_umt5-xxl-enc-bf16.pth" in err
+    # the release's model/ folder instead of the release folder
+    assert main(["convert", "--src", str(tmp_path / "rel/model"), "--dst", out]) == 2
+    assert f"pass its parent {tmp_path / 'rel'}" in capsys.readouterr().err
     # latest names an iteration that is not there
     (tmp_path / "rel/model/latest").write_text("9\n")
     assert main(["convert", "--src", str(tmp_path / "rel"), "--dst", out, "--only", "transformer"]) == 2
