@@ -115,7 +115,7 @@ def test_motion_smoothness_orders_and_formula():
 
     video = _moving_video()
     shuffled = video[np.random.default_rng(0).permutation(len(video))]
-    for method in ("farneback", "linear"):
+    for method in ("dis", "farneback", "linear"):
         ordered_s, n = motion_smoothness(video, method)
         assert n == 4 and ordered_s > motion_smoothness(shuffled, method)[0], method
     # linear: (255 - mean |trunc((a + b) / 2) - odd|) / 255, recomputed by hand
@@ -124,9 +124,10 @@ def test_motion_smoothness_orders_and_formula():
     assert motion_smoothness(video, "linear")[0] == pytest.approx((255 - np.mean(errs)) / 255, abs=1e-6)
     # the flow interpolator must beat blending on a pure translation (checks the warp directions)
     a, mid, b = video[2], video[3], video[4]
-    flow_err = np.abs(interpolate_midpoint(a, b, "farneback", flow_max_side=None) - mid)[8:-8, 8:-8].mean()
     lin_err = np.abs(interpolate_midpoint(a, b, "linear") - mid)[8:-8, 8:-8].mean()
-    assert flow_err < 0.5 * lin_err
+    for method in ("dis", "farneback"):
+        flow_err = np.abs(interpolate_midpoint(a, b, method, flow_max_side=None) - mid)[8:-8, 8:-8].mean()
+        assert flow_err < 0.5 * lin_err, method
 
 
 def test_aesthetic_head_formats_and_value(store, model_paths, tmp_path):

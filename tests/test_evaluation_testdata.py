@@ -92,7 +92,7 @@ def test_shuffling_a_real_video_lowers_smoothness(examples_dir):
 
     frames = read_video(examples_dir / "case2" / "2.mp4", max_frames=17)
     shuffled = frames[np.random.default_rng(0).permutation(len(frames))]
-    for method in ("farneback", "linear"):
+    for method in ("dis", "farneback", "linear"):
         assert motion_smoothness(frames, method)[0] > motion_smoothness(shuffled, method)[0]
 
 
