@@ -462,3 +462,25 @@ def test_convert_help_is_fast_and_lists_options(capsys):
     out = capsys.readouterr().out
     for flag in ("--src", "--dst", "--only", "--max-shard-size", "--dtype", "--attention-head-dim", "--trust-pickle"):
         assert flag in out
+
+
+def test_sentencepiece_tokenizer_folder(tmp_path):
+    """umT5's tokenizer is sentencepiece: a folder with only `spiece.model` converts to an AutoTokenizer folder."""
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    from kaleido_s2v.checkpoints import convert
+
+    folder = tmp_path / "rel" / "umt5-xxl"
+    folder.mkdir(parents=True)
+    text = ["a red ball rolls on the floor", "two cats play with a toy", "the blue square bounces"] * 30
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(folder / "spiece"), vocab_size=28, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, minloglevel=2,
+    )  # fmt: skip
+    (folder / "spiece.vocab").unlink()
+    convert(tmp_path / "rel", tmp_path / "out", only="tokenizer", progress=False)
+    got = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
+    want = T5Tokenizer(vocab_file=str(folder / "spiece.model"))
+    for prompt in ("a red ball", "two cats play on the floor"):
+        assert got(prompt).input_ids == want(prompt).input_ids

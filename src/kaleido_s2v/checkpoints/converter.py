@@ -145,7 +145,7 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], num_layers: 
 
 
 def plan_transformer(layout: SourceLayout, dtype=None, attention_head_dim: int = 128, trust_pickle: bool = False):
-    """Load (memory-mapped), map and check the DiT; returns (LazyTensors, config, skipped-key counts)."""
+    """Load (memory-mapped), map and check the DiT; returns (LazyTensors, meta-device model, skipped-key counts)."""
     from ..transformer import KaleidoTransformer3DModel
 
     fmt = layout.format
@@ -203,12 +203,11 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def write_component(
-    tensors, model_or_config, out: Path, weights_name: str, max_shard_bytes: int, desc: str, progress: bool, **extra
+    tensors, save_config, out: Path, weights_name: str, max_shard_bytes: int, desc: str, progress: bool, **extra
 ) -> dict:
+    """config.json via `save_config(out)`, then the weights as streamed safetensors shards."""
     out.mkdir(parents=True, exist_ok=True)
-    model_or_config.save_config(out) if hasattr(model_or_config, "save_config") else model_or_config.save_pretrained(
-        out
-    )
+    save_config(out)
     with _progress_bar(sum(t.nbytes for t in tensors), desc, progress) as bar:
         shards = write_shards(tensors, out, weights_name, max_shard_bytes, progress=bar.update)
     return _component_summary(tensors, shards, **extra)
@@ -252,7 +251,7 @@ def convert(
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from .t5 import convert_tokenizer, plan_text_encoder
+    from .t5 import load_tokenizer, plan_text_encoder
     from .vae import plan_vae
 
     start = time.perf_counter()
@@ -276,6 +275,8 @@ def convert(
         plans["vae"] = plan_vae(layout.vae_file, torch_dtype, trust_pickle)
     if "text_encoder" in components:
         plans["text_encoder"] = plan_text_encoder(layout.t5_file, torch_dtype, trust_pickle, t5_max_distance)
+    if "tokenizer" in components:
+        plans["tokenizer"] = load_tokenizer(layout.tokenizer_dir)
 
     # 2. Write into a temporary folder beside dst; rename at the end.
     planned = time.perf_counter()
@@ -294,7 +295,7 @@ def convert(
             tensors, model, skipped = plans["transformer"]
             summary["components"]["transformer"] = write_component(
                 tensors,
-                model,
+                model.save_config,
                 tmp / "transformer",
                 "diffusion_pytorch_model",
                 max_shard_bytes,
@@ -308,20 +309,27 @@ def convert(
         if "vae" in plans:
             tensors, model = plans["vae"]
             summary["components"]["vae"] = write_component(
-                tensors, model, tmp / "vae", "diffusion_pytorch_model", max_shard_bytes, "vae", progress
+                tensors, model.save_config, tmp / "vae", "diffusion_pytorch_model", max_shard_bytes, "vae", progress
             )
             index["vae"] = type(model)
         if "text_encoder" in plans:
             tensors, config = plans["text_encoder"]
             summary["components"]["text_encoder"] = write_component(
-                tensors, config, tmp / "text_encoder", "model", max_shard_bytes, "text_encoder", progress
+                tensors,
+                config.save_pretrained,
+                tmp / "text_encoder",
+                "model",
+                max_shard_bytes,
+                "text_encoder",
+                progress,
             )
             index["text_encoder"] = _umt5_class()
-        if "tokenizer" in components:
-            cls = convert_tokenizer(layout.tokenizer_dir, tmp / "tokenizer")
+        if "tokenizer" in plans:
+            tokenizer = plans["tokenizer"]
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
             files = sorted(p.name for p in (tmp / "tokenizer").iterdir())
-            summary["components"]["tokenizer"] = {"class": cls.__name__, "files": files}
-            index["tokenizer"] = cls
+            summary["components"]["tokenizer"] = {"class": type(tokenizer).__name__, "files": files}
+            index["tokenizer"] = type(tokenizer)
         FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT).save_pretrained(tmp / "scheduler")
         index["scheduler"] = FlowMatchEulerDiscreteScheduler
         (tmp / "model_index.json").write_text(json.dumps(_model_index(index), indent=2) + "\n")

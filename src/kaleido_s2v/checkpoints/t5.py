@@ -79,18 +79,19 @@ def plan_text_encoder(
     return tensors, config
 
 
-def convert_tokenizer(src_dir: Path, out_dir: Path) -> type:
-    """Load the release's tokenizer folder with AutoTokenizer, save it to `out_dir`; returns its class."""
+def load_tokenizer(src_dir: Path):
+    """The release's tokenizer folder, loaded with AutoTokenizer (a bare `spiece.model` as T5TokenizerFast)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src_dir))
-    except Exception as first:  # a bare sentencepiece model without tokenizer_config.json
+        return AutoTokenizer.from_pretrained(str(src_dir))
+    except Exception as first:  # e.g. a bare sentencepiece model without tokenizer_config.json
         spm = src_dir / "spiece.model"
         if not spm.is_file():
             raise UserInputError(f"{src_dir}: tokenizer files not loadable by AutoTokenizer ({first})") from None
         from transformers import T5TokenizerFast
 
-        tokenizer = T5TokenizerFast(vocab_file=str(spm))
-    tokenizer.save_pretrained(str(out_dir))
-    return type(tokenizer)
+        try:
+            return T5TokenizerFast(vocab_file=str(spm))
+        except Exception as e:
+            raise UserInputError(f"{spm}: not a loadable sentencepiece tokenizer ({e})") from None
