@@ -264,3 +264,64 @@ def test_export_writes_kaleido_layout_and_train_manifest(tmp_path):
         assert (tmp_path / "kaleido/references" / sid / "ref1.png").is_file()
     with pytest.raises(UserInputError, match="export.mix"):
         build_stage("export", {"mix": {"crop": 1, "bogus": 2}})
+
+
+def test_every_stage_in_one_resumable_run(models, clips, tmp_path, monkeypatch):
+    from kaleido_s2v.curation.runner import run_pipeline
+    from kaleido_s2v.curation.stages import STAGES
+    from kaleido_s2v.curation.stages.caption import CaptionStage
+    from kaleido_s2v.curation.stages.inpaint import InpaintStage
+    from kaleido_s2v.curation.stages.redux import ReduxStage
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for case, p in clips.items():
+        (inp / f"{case}.mp4").write_bytes(p.read_bytes())
+    real_caption = CaptionStage.process_batch
+
+    def caption_then_known_text(self, batch):  # random weights say random words: append a known sentence
+        out = real_caption(self, batch)
+        for c in out:
+            c.fields["caption"] += " A woman in a white shirt walks with a dog."
+        return out
+
+    monkeypatch.setattr(CaptionStage, "process_batch", caption_then_known_text)
+    monkeypatch.setattr(InpaintStage, "setup", lambda self: setattr(self, "_pipe", _FakePipe()))
+    monkeypatch.setattr(ReduxStage, "setup", lambda self: (setattr(self, "_pipe", _FakePipe()), setattr(
+        self, "_prior", lambda image: {"prompt_embeds": None})))
+    (tmp_path / "flux").mkdir()
+    cfg = {
+        "scenes": {"min_clip_s": 0.5}, "quality": {"min_clip_s": 0.5},
+        "caption": {"model": models["caption"], "num_frames": 2, "max_new_tokens": 4, "batch_size": 2,
+                    "device": "cpu"},
+        "ground": {"model": models["ground"], "box_threshold": 0.0, "text_threshold": 0.0, "max_per_subject": 1,
+                   "device": "cpu"},
+        "segment": {"model": models["segment"], "device": "cpu"},
+        "filter": {"model": models["filter"], "min_area_ratio": 0.0, "min_side_px": 1.0, "max_area_ratio": 1.0,
+                   "max_iou": 1.0, "min_clip_score": -1.0, "require_top1": False, "clique_threshold": -1.0,
+                   "device": "cpu"},
+        "face": {"require_frontal": False},
+        "inpaint": {"model": str(tmp_path / "flux"), "num_inference_steps": 1},
+        "redux": {"model": str(tmp_path / "flux"), "prior_model": str(tmp_path / "flux"), "size": 32},
+    }
+    stages = list(STAGES)
+    out = tmp_path / "out"
+    res = run_pipeline(inp, out, stages, cfg, write_clips=False)
+    assert res.summary["kept"] == 2, res.summary
+    for c in res.clips:
+        assert set(c.stages_done) == set(stages)
+        assert {"scenes", "quality", "caption", "subjects", "frames", "detections", "export"} <= set(c.fields)
+        kept = [s for s in c.fields["subjects"] if s["status"] == "kept"]
+        assert kept and all({"inpaint", "redux"} <= set(s) for s in kept)
+        assert all("face" in s for s in kept if s["human"])
+        for s in kept:  # a composite needs mask pixels inside the box (random SAM masks may have none)
+            det = c.fields["detections"][s["ref_detection"]]
+            x0, y0, x1, y1 = (int(round(v)) for v in det["box"])
+            has_pixels = (np.asarray(Image.open(out / det["mask"]))[y0:y1, x0:x1] > 0).any()
+            assert ("crosspair" in s) == bool(has_pixels)
+    assert sum(res.summary["export"].values()) > 0
+    lines = [json.loads(x) for x in (out / "train_manifest.jsonl").read_text().splitlines()]
+    assert lines and all((out / r["video"]).is_file() and all((out / p).is_file() for p in r["references"])
+                         for r in lines)
+    again = run_pipeline(inp, out, stages, cfg, write_clips=False)
+    assert all(st.processed == 0 for st in again.stats.values())
