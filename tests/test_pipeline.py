@@ -323,3 +323,16 @@ EXPECTED_SLICE = [
     2.3884, 1.1355, 1.2658, -0.1409, -1.1224, -1.5789, 0.3089, -0.0093,
     1.2627, -1.5733, 0.2468, -0.2754, 3.5279, -0.3305, -0.8619, -1.7007,
 ]
+
+
+def test_from_pretrained_in_a_fresh_process(pipe, tmp_path):
+    """model_index.json names `kaleido_s2v.transformer`; importing KaleidoPipeline must be enough to load it."""
+    import os
+    import subprocess
+    import sys
+
+    pipe.save_pretrained(tmp_path / "m")
+    code = f"from kaleido_s2v import KaleidoPipeline; KaleidoPipeline.from_pretrained({str(tmp_path / 'm')!r})"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]

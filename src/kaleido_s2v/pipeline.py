@@ -27,6 +27,7 @@ from .latents import denormalize_latents, normalize_latents, pil_to_tensor
 from .references import ReferenceImage, fit_reference
 from .schedule import OFFICIAL_SHIFT
 from .text import encode_text
+from .transformer import KaleidoTransformer3DModel  # noqa: F401 (from_pretrained finds the class once imported)
 
 logger = logging.get_logger(__name__)
 
