@@ -336,3 +336,10 @@ def test_from_pretrained_in_a_fresh_process(pipe, tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_from_pretrained_on_a_folder_that_is_not_a_pipeline_names_what_is_expected(tmp_path):
+    from kaleido_s2v.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="model_index.json"):
+        KaleidoPipeline.from_pretrained(tmp_path)

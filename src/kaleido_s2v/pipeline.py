@@ -100,6 +100,23 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> KaleidoPipeline:
+        """`DiffusionPipeline.from_pretrained`; a local official-release folder is also accepted.
+
+        A local folder without `model_index.json` goes through `kaleido_s2v.checkpoints.resolve_model_dir`:
+        converted into a cache folder with `auto_convert=True`, else an error gives the `kaleido-s2v convert`
+        command.
+        """
+        auto_convert = kwargs.pop("auto_convert", False)
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "model_index.json")):
+                from .checkpoints import resolve_model_dir
+
+                path = resolve_model_dir(path, auto_convert=auto_convert)
+        return super().from_pretrained(path, **kwargs)
+
     # ------------------------------------------------------------------ text
     def encode_prompt(
         self,
