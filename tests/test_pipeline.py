@@ -65,7 +65,9 @@ class TransformerSpy:
 
         def forward(module, *args, **kwargs):
             calls.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
-            return original(module, *args, **kwargs)
+            out = original(module, *args, **kwargs)
+            calls[-1]["output"] = out[0].clone()
+            return out
 
         self.pipe.transformer.forward = forward.__get__(self.pipe.transformer)
         return self
@@ -138,6 +140,31 @@ def test_both_cfg_branches_get_the_same_references(pipe, refs):
     cond, uncond = spy.calls[0], spy.calls[1]
     assert not torch.equal(cond["encoder_hidden_states"], uncond["encoder_hidden_states"])  # text differs...
     assert torch.equal(cond["hidden_states"], uncond["hidden_states"])  # ...the rest does not
+
+
+def test_euler_update_with_cfg_follows_the_official_sampler(pipe, refs):
+    """x_{k+1} = x_k + (σ_{k+1} − σ_k)·(v_u + 6·(v_c − v_u)), σ from the formula, fp32 throughout."""
+    x0 = torch.randn(LATENT, generator=torch.Generator().manual_seed(5))
+    states = []
+    callback = lambda p, i, t, kw: states.append(kw["latents"].clone()) or {}  # noqa: E731
+    with TransformerSpy(pipe) as spy:
+        _run(pipe, references=refs, num_inference_steps=4, latents=x0.clone(), callback_on_step_end=callback)
+    s = 1.0 - np.arange(5) / 4
+    sigma = 7 * s / (1 + 6 * s)
+    x = x0
+    for k in range(4):
+        v_c, v_u = spy.calls[2 * k]["output"], spy.calls[2 * k + 1]["output"]
+        x = x + (sigma[k + 1] - sigma[k]) * (v_u + 6.0 * (v_c - v_u))
+        torch.testing.assert_close(states[k], x.float(), atol=1e-5, rtol=1e-5)
+        assert states[k].dtype == torch.float32
+
+
+def test_latents_stay_fp32_with_a_bf16_transformer():
+    p = KaleidoPipeline(**tiny_components(seed=0))
+    p.set_progress_bar_config(disable=True)
+    p.transformer.to(torch.bfloat16)
+    out = _run(p, references=[_image(1, 16, 16)], num_inference_steps=2, guidance_scale=1.0).frames
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
 def test_no_guidance_means_one_call_per_step(pipe, refs):

@@ -478,7 +478,7 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                         reference_latents=reference_latents,
                         attention_kwargs=attention_kwargs,
                         return_dict=False,
-                    )[0]
+                    )[0].float()
                 if self.do_classifier_free_guidance:
                     with self.transformer.cache_context("uncond", **cache_context_kwargs):
                         noise_uncond = self.transformer(
@@ -489,7 +489,8 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                             attention_kwargs=attention_kwargs,
                             return_dict=False,
                         )[0]
-                    noise_pred = noise_uncond.float() + guidance_scale * (noise_pred.float() - noise_uncond.float())
+                    noise_uncond = noise_uncond.float()
+                    noise_pred = noise_uncond + guidance_scale * (noise_pred - noise_uncond)
 
                 # Euler: x <- x + (σ_{k+1} − σ_k)·v
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
