@@ -88,6 +88,54 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _init_model(args) -> int:
+    from .model import init_model, load_recipe
+
+    out = init_model(args.out, load_recipe(args.recipe), args.seed)
+    print(json.dumps({"model": str(out)}) if args.json else f"wrote a randomly initialised model to {out}")
+    return 0
+
+
+def _train_vae(args) -> int:
+    from .model import load_recipe, train_vae
+
+    summary = train_vae(args.model, load_recipe(args.recipe), steps=args.steps, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"trained the VAE for {summary['steps']} steps in {summary['seconds']:.0f} s; "
+              f"last loss {summary['last']['loss'] if summary['last'] else float('nan'):.4f}")
+    return 0
+
+
+def _train_config(args) -> int:
+    from ..fileio import write_text_atomic
+    from .model import load_recipe, train_config
+
+    text = train_config(load_recipe(args.recipe), model=args.model, data=args.data, output=args.output)
+    if args.out:
+        write_text_atomic(args.out, text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def _generate(args) -> int:
+    from .model import generate_cases
+
+    summary = generate_cases(args.model, args.cases, args.out, steps=args.steps, guidance=args.guidance,
+                             seed=args.seed, limit=args.limit, progress=not args.json)
+    print(json.dumps(summary) if args.json else f"wrote {summary['cases']} videos to {summary['videos']}")
+    return 0
+
+
+def _assemble(args) -> int:
+    from .model import assemble
+
+    print(f"wrote {assemble(args.model, args.transformer, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .world import EVAL_MIX, TRAIN_MIX
 
@@ -106,6 +154,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write the full report (per case) as JSON here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_evaluate)
+
+    recipe_help = "recipe YAML (default: the shipped kaleido_s2v/toy/recipe.yaml)"
+    p = sub.add_parser("init-model", help="write a randomly initialised pipeline folder at the recipe's sizes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--recipe", default=None, help=recipe_help)
+    p.add_argument("--seed", type=int, default=None, help="init seed (default: the recipe's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_init_model)
+    p = sub.add_parser("train-vae", help="train the folder's VAE on the toy world and store its latent statistics")
+    p.add_argument("--model", required=True, help="folder written by init-model (its vae/ is replaced)")
+    p.add_argument("--recipe", default=None, help=recipe_help)
+    p.add_argument("--steps", type=int, default=None, help="override vae_training.steps")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_train_vae)
+    p = sub.add_parser("train-config", help="write the `kaleido-s2v train --config` YAML for the transformer")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="folder written by make-data")
+    p.add_argument("--output", required=True, help="the training run's folder")
+    p.add_argument("--recipe", default=None, help=recipe_help)
+    p.add_argument("--out", default=None, help="YAML file to write (default: print)")
+    p.set_defaults(func=_train_config)
+    p = sub.add_parser("assemble", help="the model folder with a trained transformer (a run's final/transformer)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--transformer", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_assemble)
+    p = sub.add_parser("generate", help="generate <clip_id>.mp4 for every case of a make-eval folder with a model")
+    p.add_argument("--model", required=True, help="a pipeline folder (e.g. from assemble)")
+    p.add_argument("--cases", required=True)
+    p.add_argument("--out", required=True, help="folder for the videos (then: evaluate --videos)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's generation defaults)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_generate)
     return parser
 
 

@@ -1,0 +1,213 @@
+"""Making the built-in small model: recipe, random init of the real classes, VAE training, trainer config, assembly.
+
+The transformer is trained by the project's own `kaleido-s2v train`; everything else it needs is here:
+`init_model` writes a diffusers `KaleidoPipeline` folder at the recipe's sizes (ByT5 tokenizer, UMT5 text
+encoder, AutoencoderKLWan, KaleidoTransformer3DModel, flow-matching scheduler), `train_vae` teaches the VAE
+the toy world (clips and reference images rendered on the fly) and stores the measured latent statistics in
+its config, `train_config` writes the trainer's YAML, `assemble` puts the trained transformer into the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserInputError
+from ..fileio import atomic_path, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+RECIPE_PATH = Path(__file__).resolve().parent / "recipe.yaml"
+
+
+def load_recipe(path=None) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path) if path else RECIPE_PATH
+    if not path.is_file():
+        raise UserInputError(f"recipe '{path}' does not exist: give a YAML file like {RECIPE_PATH}")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def build_components(recipe: dict, seed: int | None = None) -> dict:
+    """Random-init components at the recipe's sizes (`KaleidoPipeline(**components)`)."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    from ..transformer import KaleidoTransformer3DModel
+
+    seed = recipe.get("seed", 0) if seed is None else seed
+    if recipe["text_encoder"]["d_model"] != recipe["transformer"]["text_dim"]:
+        raise UserInputError("recipe: text_encoder.d_model must equal transformer.text_dim")
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(**recipe["text_encoder"])).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(**recipe["vae"])
+    torch.manual_seed(seed + 2)
+    t = dict(recipe["transformer"])
+    t["patch_size"] = tuple(t["patch_size"])
+    transformer = KaleidoTransformer3DModel(**t)
+    return dict(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+def init_model(out, recipe: dict, seed: int | None = None) -> Path:
+    """Write a randomly initialised pipeline folder (plus generation_defaults.json and the recipe used)."""
+    from ..builtin import GENERATION_DEFAULTS_FILE
+    from ..pipeline import KaleidoPipeline
+
+    out = Path(out)
+    pipe = KaleidoPipeline(**build_components(recipe, seed))
+    with atomic_path(out, is_dir=True) as tmp:
+        pipe.save_pretrained(tmp)
+        (tmp / GENERATION_DEFAULTS_FILE).write_text(json.dumps(recipe["generation"], indent=1) + "\n")
+        (tmp / "toy_recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    return out
+
+
+def _to_pixels(frames: np.ndarray):
+    """(F, H, W, 3) uint8 -> (3, F, H, W) float in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def _world_batch(recipe: dict, step: int, batch: int, images: bool):
+    """A batch of clips (B, 3, F, H, W) or of reference images (B, 3, 1, H, W), rendered from the world."""
+    import torch
+
+    from .world import REF_KINDS, WorldConfig, training_clip
+
+    d = recipe["data"]
+    cfg = WorldConfig(height=d["size"], width=d.get("width") or d["size"], frames=d["frames"], fps=d["fps"],
+                      ref_size=d["size"])
+    seed = recipe.get("seed", 0) + 7919  # not the training set's clips
+    out = []
+    for b in range(batch):
+        i = step * batch + b
+        _, _, frames, refs, _ = training_clip(seed, i, cfg, REF_KINDS[i % len(REF_KINDS)])
+        if images:
+            ref = refs[i % len(refs)]
+            if ref.shape[:2] != frames.shape[1:3]:  # references are fitted into the frame by the pipeline
+                from PIL import Image
+
+                from ..references import fit_reference
+
+                ref = np.asarray(fit_reference(Image.fromarray(ref), *frames.shape[1:3]))
+            out.append(_to_pixels(ref[None]))
+        else:
+            out.append(_to_pixels(frames))
+    return torch.stack(out)
+
+
+def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bool = True, device: str = "cpu") -> dict:
+    """Train the folder's VAE on the toy world (L1 + MSE reconstruction + small KL), then store latent stats."""
+    import torch
+    from diffusers import AutoencoderKLWan
+    from tqdm import tqdm
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "vae" / "config.json").is_file():
+        raise UserInputError(f"'{model_dir}/vae/config.json' not found: give a folder written by `init-model`")
+    vt = recipe["vae_training"]
+    steps = vt["steps"] if steps is None else steps
+    vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae").to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=vt["lr"], weight_decay=0.0)
+    history, t0 = [], time.time()
+    for step in tqdm(range(steps), desc="train-vae", disable=not progress):
+        images = (step % 10) < round(10 * vt["image_fraction"])
+        x = _world_batch(recipe, step, vt["batch_size"] * (3 if images else 1), images).to(device)
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample
+        recon = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = recon + vt["kl_weight"] * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        history.append({"step": step, "loss": float(loss), "recon": float(recon), "images": bool(images)})
+    vae.eval()
+    mean, std = latent_stats(vae, recipe, vt["stats_clips"], device)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    with atomic_path(model_dir / "vae", is_dir=True) as tmp:
+        vae.save_pretrained(tmp)
+    summary = {"steps": steps, "seconds": time.time() - t0, "last": history[-1] if history else None,
+               "latents_mean": mean, "latents_std": std}
+    write_text_atomic(model_dir / "vae_training.json", json.dumps({"summary": summary, "history": history}) + "\n")
+    return summary
+
+
+def latent_stats(vae, recipe: dict, clips: int, device: str = "cpu") -> tuple[list[float], list[float]]:
+    """Per-channel mean / std of posterior means over rendered clips (what normalisation should undo)."""
+    import torch
+
+    zs = []
+    with torch.no_grad():
+        for k in range(max(1, clips // 8)):
+            x = _world_batch(recipe, 100_000 + k, 8, images=False).to(device)
+            zs.append(vae.encode(x).latent_dist.mode().transpose(0, 1).reshape(vae.config.z_dim, -1))
+    z = torch.cat(zs, dim=1)
+    return [float(v) for v in z.mean(1)], [float(v) for v in z.std(1).clamp_min(1e-3)]
+
+
+def train_config(recipe: dict, *, model: str, data: str, output: str) -> str:
+    """The `kaleido-s2v train --config` YAML for the transformer."""
+    import yaml
+
+    cfg = json.loads(json.dumps(recipe["train"]))
+    cfg.setdefault("model", {})["path"] = str(Path(model).resolve())
+    cfg.setdefault("data", {})["path"] = str(Path(data).resolve())
+    cfg.setdefault("run", {})["output"] = str(Path(output).resolve())
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def assemble(model_dir, transformer_dir, out) -> Path:
+    """Copy the model folder with the trained transformer (a trainer's `final/transformer`) into `out`."""
+    model_dir, transformer_dir, out = Path(model_dir), Path(transformer_dir), Path(out)
+    if not (transformer_dir / "config.json").is_file():
+        raise UserInputError(f"'{transformer_dir}/config.json' not found: give the run's final/transformer folder")
+    with atomic_path(out, is_dir=True) as tmp:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        shutil.rmtree(tmp / "transformer")
+        shutil.copytree(transformer_dir, tmp / "transformer")
+    return out
+
+
+def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, guidance: float | None = None,
+                   seed: int = 0, limit: int | None = None, progress: bool = True) -> dict:
+    """Generate `<clip_id>.mp4` for every evaluation case (its caption and reference images) with a model folder."""
+    import torch
+    from tqdm import tqdm
+
+    from .. import transformer as _registers_the_class  # noqa: F401  (from_pretrained resolves it by module name)
+    from ..builtin import generation_defaults
+    from ..pipeline import KaleidoPipeline
+    from ..video_io import write_video
+    from .world import read_scenes
+
+    records = read_scenes(cases_dir)[:limit]
+    defaults = generation_defaults(model_dir)
+    pipe = KaleidoPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for k, r in enumerate(tqdm(records, desc="generating", disable=not progress)):
+        scene = r["scene"]
+        refs = [Path(cases_dir) / info["path"] for info in r["references"]]
+        video = pipe(
+            prompt=r["caption"], reference_images=refs, height=scene["height"], width=scene["width"],
+            num_frames=scene["frames"], num_inference_steps=steps or defaults.get("num_inference_steps", 20),
+            guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale", 4.0),
+            generator=torch.Generator().manual_seed(seed + k), output_type="np",
+        ).frames[0]
+        write_video(out_dir / f"{r['clip_id']}.mp4", video, fps=scene["fps"])
+    return {"videos": str(out_dir), "cases": len(records), "seconds": time.time() - t0}
