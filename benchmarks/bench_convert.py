@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.5, 1.5], help="checkpoint sizes in GB")
     parser.add_argument("--width", type=int, default=2048, help="model width (multiple of 128)")
     parser.add_argument("--max-shard-size", default="256MB")
+    parser.add_argument("--dtype", default="keep", help="--dtype for the conversion (fp32 adds a copy per tensor)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive (non-streaming) baseline")
     parser.add_argument("--workdir", default=None, help="where to write the fake checkpoints (default: a temp dir)")
     parser.add_argument("--json", action="store_true")
@@ -160,6 +161,8 @@ def main() -> None:
                     "transformer",
                     "--max-shard-size",
                     args.max_shard_size,
+                    "--dtype",
+                    args.dtype,
                     "--json",
                 ]
             )
@@ -193,7 +196,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"constant floor (imports + meta model, no conversion): peak RssAnon {result['floor_anon_gb']:.3f} GB")
-    print(f"--max-shard-size {args.max_shard_size}, width {args.width}, bf16, cpus {os.cpu_count()}")
+    print(f"--max-shard-size {args.max_shard_size} --dtype {args.dtype}, width {args.width}, cpus {os.cpu_count()}")
     print("wall s: whole subprocess incl. imports; conv s: convert() itself; GB/s: checkpoint bytes / write phase")
     head = f"{'ckpt GB':>8} {'layers':>6} {'shards':>6} {'wall s':>7} {'conv s':>7} {'GB/s':>6} {'anon GB':>8}"
     head += f" {'anon-floor':>10}"
