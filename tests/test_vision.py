@@ -131,3 +131,14 @@ def test_sam_masks_match_full_forward(folders, frames):
                                                     inputs["reshaped_input_sizes"])[0][:, 0].numpy()
     np.testing.assert_array_equal(out[2][0], masks)
     np.testing.assert_allclose(out[2][1], o.iou_scores[0, :, 0].numpy(), atol=1e-5)
+
+
+def test_sam2_folder_without_torchvision_is_a_user_error(tmp_path):
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision installed: SAM 2 loads")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "sam2"}))
+    with pytest.raises(UserInputError, match="torchvision"):
+        SAM(tmp_path)

@@ -26,7 +26,7 @@ def save_tiny_models(root: str | os.PathLike, roles=TINY_ROLES, seed: int = 0) -
         "clip_large": lambda p: save_tiny_clip(p, seed=seed + 1),
         "grounding_dino": lambda p: save_tiny_grounding_dino(p, seed=seed),
         "sam": lambda p: save_tiny_sam(p, seed=seed),
-        "face": lambda p: save_tiny_dino(p, seed=seed + 2),
+        "face": lambda p: save_tiny_dino(p, seed=seed + 2, add_pooling_layer=True),
     }
     out = {}
     for role in roles:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserInputError
 from .common import Images, batches, load_folder_check, resolve_device, to_pil_list
 
 Box = Sequence[float]  # x0, y0, x1, y1 in pixels
@@ -17,6 +18,9 @@ Box = Sequence[float]  # x0, y0, x1, y1 in pixels
 
 class SAM:
     """SAM (facebook/sam-vit-*) or SAM 2 (facebook/sam2.1-hiera-*), picked from the folder's config.json.
+
+    SAM 2 needs torchvision (transformers 5.23 has only a torchvision Sam2ImageProcessor); its path is untested
+    in this project's CPU environment, which has no torchvision.
 
     `segment(images, boxes)` embeds the images in batches once, then decodes one mask per box
     (`multimask_output=False`), upsampled to the image size and binarised at logit 0.
@@ -30,6 +34,11 @@ class SAM:
         model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "sam")
         self.is_sam2 = model_type.startswith("sam2")
         if self.is_sam2:
+            import importlib.util
+
+            if importlib.util.find_spec("torchvision") is None:
+                raise UserInputError(f"SAM 2 folder '{path}' needs torchvision (transformers' Sam2ImageProcessor): "
+                                     f"install torchvision or give a SAM (SamModel) folder")
             from transformers import Sam2Model as Model
         else:
             from transformers import SamModel as Model

@@ -49,15 +49,16 @@ def save_tiny_clip(path: str | os.PathLike, seed: int = 0, image_size: int = 32,
     return path
 
 
-def save_tiny_dino(path: str | os.PathLike, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
-    """A tiny `ViTModel` (no pooling layer) + `ViTImageProcessor` folder shaped like facebook/dino-vitb16."""
+def save_tiny_dino(path: str | os.PathLike, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                   add_pooling_layer: bool = False) -> Path:
+    """A tiny `ViTModel` (no pooling layer by default) + `ViTImageProcessor` folder shaped like facebook/dino-vitb16."""
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     path = Path(path)
     torch.manual_seed(seed)
     config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        image_size=image_size, patch_size=patch_size)
-    ViTModel(config, add_pooling_layer=False).eval().save_pretrained(path)
+    ViTModel(config, add_pooling_layer=add_pooling_layer).eval().save_pretrained(path)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
