@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tests.test_training import read_metrics, toy_config, write_synthetic_data, write_tiny_pipeline
 
 

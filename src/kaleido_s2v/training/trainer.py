@@ -296,7 +296,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         from .lora import add_lora
 
         peft_config = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
-    model.to(rt.device).train()
+    model.train()
+    if not rt.dims.distributed:
+        model.to(rt.device)  # under FSDP, fully_shard moves only each rank's shards to the device
     if cfg.parallel.gradient_checkpointing:
         apply_activation_checkpointing(model)
     if rt.cp_mesh is not None:

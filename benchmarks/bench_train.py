@@ -1,0 +1,162 @@
+"""Training throughput and peak memory: the tiny CPU run, fp32 baseline vs gradient checkpointing vs bf16.
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--size 96] [--frames 9]
+
+Each variant runs `kaleido_s2v.training.train` in its own process (so peak RSS is per variant) on the same
+synthetic data from a latent cache (no decoding in the loop); samples/s is the median over the steps after
+the first two. Printed as ratios against the fp32 baseline measured in the same run.
+
+With a CUDA GPU, `--gpu` instead times one forward+backward of a bf16 KaleidoTransformer3DModel with the 14B
+architecture (`--layers` fewer if it does not fit) with gradient checkpointing: tokens/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "fp32": dict(mixed_precision="fp32", gradient_checkpointing=False),
+    "fp32+checkpointing": dict(mixed_precision="fp32", gradient_checkpointing=True),
+    "bf16 autocast": dict(mixed_precision="bf16", gradient_checkpointing=False),
+}
+BENCH_MODEL = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=512)
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child(args) -> None:
+    """One variant: train from the cache, print a JSON line with samples/s and memory."""
+    from kaleido_s2v.training.config import toy_cpu
+    from kaleido_s2v.training.trainer import train
+
+    variant = VARIANTS[args.variant]
+    cfg = toy_cpu()
+    cfg.model.path, cfg.data.path, cfg.data.cache_dir = args.model, args.data, args.cache
+    cfg.data.height = cfg.data.width = args.size
+    cfg.data.num_frames = args.frames
+    cfg.run.output = args.output
+    cfg.run.max_steps, cfg.run.save_every, cfg.run.batch_size, cfg.run.tensorboard = args.steps, 10**6, 2, False
+    cfg.parallel.mixed_precision = variant["mixed_precision"]
+    cfg.parallel.gradient_checkpointing = variant["gradient_checkpointing"]
+    import torch
+
+    torch.set_num_threads(args.threads)
+    before = _rss_mib()
+    train(cfg, progress=False)
+    metrics = [json.loads(line) for line in (Path(args.output) / "metrics.jsonl").read_text().splitlines()]
+    sps = statistics.median(m["samples_per_s"] for m in metrics[2:])
+    print(json.dumps(dict(samples_per_s=sps, peak_rss_mib=_rss_mib(), train_peak_mib=_rss_mib() - before)))
+
+
+def prepare(tmp: Path, size: int, frames: int) -> tuple[Path, Path, Path]:
+    import numpy as np
+    from PIL import Image
+
+    from kaleido_s2v.tiny import tiny_components
+    from kaleido_s2v.training.config import toy_cpu
+    from kaleido_s2v.training.trainer import build_cache
+    from kaleido_s2v.video_io import write_video
+
+    model, data, cache = tmp / "model", tmp / "data", tmp / "cache"
+    for name, component in tiny_components(0, **BENCH_MODEL).items():
+        component.save_pretrained(model / name)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_video(data / "videos" / f"c{i}.mp4", (rng.random((frames + 4, size, size, 3)) * 255).astype(np.uint8))
+        (data / "labels").mkdir(parents=True, exist_ok=True)
+        (data / "labels" / f"c{i}.txt").write_text(f"clip {i}")
+        (data / "references" / f"c{i}").mkdir(parents=True, exist_ok=True)
+        for j in range(2):
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(
+                data / "references" / f"c{i}" / f"ref{j + 1}.png")
+    cfg = toy_cpu()
+    cfg.model.path, cfg.data.path, cfg.data.cache_dir = str(model), str(data), str(cache)
+    cfg.data.height = cfg.data.width = size
+    cfg.data.num_frames = frames
+    build_cache(cfg, progress=False)
+    return model, data, cache
+
+
+def gpu(args) -> None:
+    import torch
+
+    from kaleido_s2v.transformer import KaleidoTransformer3DModel
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    with torch.device(dev):  # the default config is the 14B architecture; random weights built on the GPU
+        model = KaleidoTransformer3DModel(num_layers=args.layers).to(torch.bfloat16)
+    model.enable_gradient_checkpointing()
+    lat_t, lat_h, lat_w = 21, 60, 104  # 81 frames at 480x832
+    x = torch.randn(1, 16, lat_t, lat_h, lat_w, device=dev, dtype=torch.bfloat16)
+    refs = [torch.randn(1, 16, 1, lat_h, lat_w, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    text = torch.randn(1, 512, 4096, device=dev, dtype=torch.bfloat16)
+    tokens = (lat_t + len(refs)) * (lat_h // 2) * (lat_w // 2)
+    times = []
+    for _ in range(3):
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(x, torch.tensor([500.0], device=dev), text, refs, return_dict=False)[0]
+        out.float().square().mean().backward()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    dt = min(times[1:])
+    print(f"14B architecture, {args.layers} layers, bf16, gradient checkpointing, {tokens} tokens (81 frames 480x832 "
+          f"+ 3 refs): {tokens / dt:,.0f} tokens/s, {dt:.2f} s/step, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--frames", type=int, default=9)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="time the 14B architecture on a CUDA GPU")
+    p.add_argument("--layers", type=int, default=40)
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    for name in ("model", "data", "cache", "output"):
+        p.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        return child(args)
+    if args.gpu:
+        return gpu(args)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model, data, cache = prepare(tmp, args.size, args.frames)
+        results = {}
+        for name in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", name, "--model", str(model), "--data", str(data),
+                   "--cache", str(cache), "--output", str(tmp / name.replace(" ", "_").replace("+", "_")),
+                   "--steps", str(args.steps), "--size", str(args.size), "--frames", str(args.frames),
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            results[name] = json.loads(out)
+    base = results["fp32"]
+    print(f"tiny CPU training ({BENCH_MODEL}, {args.size}x{args.size}, {args.frames} frames, 2 refs, batch 2, "
+          f"{args.threads} threads)")
+    print(f"{'variant':<22}{'samples/s':>10}{'ratio':>8}{'train peak MiB':>16}{'ratio':>8}{'process peak MiB':>18}")
+    for name, r in results.items():
+        print(f"{name:<22}{r['samples_per_s']:>10.2f}{r['samples_per_s'] / base['samples_per_s']:>8.2f}"
+              f"{r['train_peak_mib']:>16.1f}{r['train_peak_mib'] / max(base['train_peak_mib'], 1e-9):>8.2f}"
+              f"{r['peak_rss_mib']:>18.1f}")
+
+
+if __name__ == "__main__":
+    main()
