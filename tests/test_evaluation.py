@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from html.parser import HTMLParser
 
 import numpy as np
@@ -243,6 +244,9 @@ def test_cli_end_to_end_outputs(small_run, capsys):
     assert "substitute" in info["motion_smoothness"]["implementation"][0]
     assert info["s2v_consistency"]["params"]["box_threshold"] == 0.0 and "detection_rate_mean" in info["s2v_decoupling"]
     assert info["subject_consistency"]["vbench_overall"] is not None
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((out / f).stat().st_mode & 0o777 == 0o666 & ~umask for f in ("scores.json", "scores.csv", "report.html"))
     rows = list(csv.reader((out / "scores.csv").open()))
     assert rows[0] == ["case_id", *ALL] and [r[0] for r in rows[1:]] == ["moving", "still", "mean"]
     page = _Images()

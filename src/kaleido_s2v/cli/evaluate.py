@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON object or JSON/YAML file overriding metric parameters, e.g. "
                              "'{\"s2v\": {\"box_threshold\": 0.3}, \"text_alignment\": {\"frames\": 8}}'")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="model weights dtype (VBench ran CLIP in float16 on GPU); default float32")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model forward (default 16)")
     parser.add_argument("--keep-going", action="store_true",
                         help="record a missing/corrupt video or a failing metric in scores.json and continue "
@@ -70,8 +72,11 @@ def run(args: argparse.Namespace) -> int:
     cases = read_cases(args.cases, args.videos)
     params = _read_params(args.params)
     device = str(resolve_device(args.device))
+    import torch
+
     scores = evaluate(cases, model_paths, args.output, metrics=metrics, device=device, batch_size=args.batch_size,
-                      params=params, keep_going=args.keep_going, progress=not args.no_progress)
+                      params=params, keep_going=args.keep_going, progress=not args.no_progress,
+                      dtype=getattr(torch, args.dtype))
     summary = {"output": str(args.output), "cases": len(cases), "mean": scores["mean"],
                "errors": scores["errors"], "seconds_per_case": scores["run"]["seconds_per_case"]}
     if args.json:

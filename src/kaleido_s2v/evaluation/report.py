@@ -8,6 +8,7 @@ import html
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,16 @@ def bar_chart_svg(title: str, values: dict[str, float | None], width: int = 420)
     return "".join(parts)
 
 
+def _readable(path: Path) -> None:
+    """Give the file the permissions a plain open() would (temp files are created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json(path: Path, scores: dict) -> None:
     write_text_atomic(path, json.dumps(scores, indent=2, allow_nan=False, default=str) + "\n")
+    _readable(path)
 
 
 def write_csv(path: Path, scores: dict) -> None:
@@ -75,6 +84,7 @@ def write_csv(path: Path, scores: dict) -> None:
         for cid, row in scores["per_case"].items():
             w.writerow([cid, *("" if row.get(m) is None else f"{row[m]:.6f}" for m in metrics)])
         w.writerow(["mean", *("" if scores["mean"][m] is None else f"{scores['mean'][m]:.6f}" for m in metrics)])
+    _readable(path)
 
 
 def write_html(path: Path, scores: dict, thumbs: dict[str, dict]) -> None:
@@ -111,3 +121,4 @@ def write_html(path: Path, scores: dict, thumbs: dict[str, dict]) -> None:
     out.append(html.escape(json.dumps({m: scores["metrics"][m]["params"] for m in metrics}, indent=1, default=str)))
     out.append("</pre></body></html>\n")
     write_text_atomic(path, "".join(out))
+    _readable(path)

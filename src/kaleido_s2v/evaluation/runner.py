@@ -56,7 +56,7 @@ def _thumbs(data, n_frames: int = 4) -> dict:
 def evaluate(cases: list[Case], model_paths: dict[str, str | os.PathLike], output: str | os.PathLike | None,
              metrics: list[str] | None = None, device: str = "cpu", batch_size: int = 16,
              params: dict | None = None, keep_going: bool = False, progress: bool = True,
-             models: ModelStore | None = None) -> dict:
+             models: ModelStore | None = None, dtype=None) -> dict:
     """Score every case with every selected metric; write scores.json/.csv and report.html to `output`."""
     import torch
 
@@ -69,7 +69,7 @@ def evaluate(cases: list[Case], model_paths: dict[str, str | os.PathLike], outpu
     if not names:
         raise UserInputError("no metric has its models configured: add model roles to --models (see --help)")
     if models is None:
-        models = ModelStore(model_paths, device=device, batch_size=batch_size)
+        models = ModelStore(model_paths, device=device, batch_size=batch_size, dtype=dtype or torch.float32)
     metric_params = {m: _params_for(m, params) for m in names}
     modules = {m: METRICS[m].load() for m in names}
 
@@ -135,8 +135,8 @@ def evaluate(cases: list[Case], model_paths: dict[str, str | os.PathLike], outpu
         "metrics": metric_info,
         "details": details,
         "errors": errors,
-        "run": {"device": str(models.device), "batch_size": batch_size, "cases": len(cases),
-                "seconds": elapsed, "seconds_per_case": elapsed / max(1, len(cases)),
+        "run": {"device": str(models.device), "dtype": str(models.dtype).replace("torch.", ""),
+                "batch_size": batch_size, "cases": len(cases), "seconds": elapsed, "seconds_per_case": elapsed / max(1, len(cases)),
                 "decode_seconds": decode_seconds, "model_load_seconds": models.load_seconds,
                 "versions": _versions()},
     }
