@@ -37,6 +37,8 @@ def load_recipe(path=None) -> dict[str, Any]:
 
 def build_components(recipe: dict, seed: int | None = None) -> dict:
     """Random-init components at the recipe's sizes (`KaleidoPipeline(**components)`)."""
+    if recipe["text_encoder"]["d_model"] != recipe["transformer"]["text_dim"]:
+        raise UserInputError("recipe: text_encoder.d_model must equal transformer.text_dim")
     import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel
@@ -44,8 +46,6 @@ def build_components(recipe: dict, seed: int | None = None) -> dict:
     from ..transformer import KaleidoTransformer3DModel
 
     seed = recipe.get("seed", 0) if seed is None else seed
-    if recipe["text_encoder"]["d_model"] != recipe["transformer"]["text_dim"]:
-        raise UserInputError("recipe: text_encoder.d_model must equal transformer.text_dim")
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(UMT5Config(**recipe["text_encoder"])).eval()
     torch.manual_seed(seed + 1)
@@ -60,11 +60,12 @@ def build_components(recipe: dict, seed: int | None = None) -> dict:
 
 def init_model(out, recipe: dict, seed: int | None = None) -> Path:
     """Write a randomly initialised pipeline folder (plus generation_defaults.json and the recipe used)."""
+    components = build_components(recipe, seed)
     from ..builtin import GENERATION_DEFAULTS_FILE
     from ..pipeline import KaleidoPipeline
 
     out = Path(out)
-    pipe = KaleidoPipeline(**build_components(recipe, seed))
+    pipe = KaleidoPipeline(**components)
     with atomic_path(out, is_dir=True) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / GENERATION_DEFAULTS_FILE).write_text(json.dumps(recipe["generation"], indent=1) + "\n")
@@ -129,11 +130,12 @@ def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bo
         recon = (rec - x).abs().mean() + ((rec - x) ** 2).mean()
         kl = posterior.kl().mean() / x[0].numel()
         loss = recon + vt["kl_weight"] * kl
+        recon = recon.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        history.append({"step": step, "loss": float(loss), "recon": float(recon), "images": bool(images)})
+        history.append({"step": step, "loss": loss.item(), "recon": recon.item(), "images": bool(images)})
     vae.eval()
     mean, std = latent_stats(vae, recipe, vt["stats_clips"], device)
     vae.register_to_config(latents_mean=mean, latents_std=std)

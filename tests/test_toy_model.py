@@ -1,0 +1,66 @@
+"""Making the built-in model: recipe -> pipeline folder, VAE training with latent statistics, trainer config, assembly."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from kaleido_s2v.errors import UserInputError
+from kaleido_s2v.toy.model import assemble, init_model, load_recipe, train_config, train_vae
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """The shipped recipe, shrunk to test size (same keys, so the shipped file is exercised)."""
+    r = copy.deepcopy(load_recipe())
+    r["text_encoder"].update(d_model=16, d_kv=4, d_ff=32, num_heads=4)
+    r["transformer"].update(text_dim=16, num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=32)
+    r["vae"].update(base_dim=4, dim_mult=[1, 1, 1, 1])
+    r["data"].update(size=32, width=32, frames=5)
+    r["vae_training"].update(steps=2, batch_size=1, stats_clips=8)
+    return r
+
+
+def test_shipped_recipe_is_consistent():
+    r = load_recipe()
+    assert r["text_encoder"]["d_model"] == r["transformer"]["text_dim"]
+    assert (r["train"]["data"]["num_frames"] - 1) % 4 == 0 == r["train"]["data"]["height"] % 16
+    assert r["generation"]["num_frames"] == r["data"]["frames"] == r["train"]["data"]["num_frames"]
+    bad = copy.deepcopy(r)
+    bad["transformer"]["text_dim"] = 8
+    with pytest.raises(UserInputError, match="text_dim"):
+        init_model("/nonexistent/never-written", bad)
+
+
+def test_init_train_vae_config_and_assemble(recipe, tmp_path):
+    import kaleido_s2v.transformer  # noqa: F401  (from_pretrained resolves the class by module name)
+    from kaleido_s2v.builtin import generation_defaults
+    from kaleido_s2v.pipeline import KaleidoPipeline
+    from kaleido_s2v.training.config import load_config
+
+    model = init_model(tmp_path / "model", recipe)
+    pipe = KaleidoPipeline.from_pretrained(model)
+    assert pipe.transformer.config.num_layers == 1 and pipe.transformer.config.text_dim == 16
+    assert pipe.vae.config.base_dim == 4 and pipe.text_encoder.config.d_model == 16
+    assert generation_defaults(model) == recipe["generation"]
+    before = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
+
+    summary = train_vae(model, recipe, progress=False)
+    assert summary["steps"] == 2 and len(summary["latents_mean"]) == 16
+    vae_cfg = json.loads((model / "vae" / "config.json").read_text())
+    assert vae_cfg["latents_mean"] == pytest.approx(summary["latents_mean"])
+    assert min(vae_cfg["latents_std"]) > 0
+    trained = KaleidoPipeline.from_pretrained(model).vae.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before)  # the VAE learned something
+
+    yaml_path = tmp_path / "train.yaml"
+    yaml_path.write_text(train_config(recipe, model=str(model), data=str(tmp_path / "data"), output=str(tmp_path / "run")))
+    cfg = load_config(yaml_path).validate()
+    assert cfg.model.path == str(model.resolve()) and cfg.data.num_frames == 9 and cfg.run.output.endswith("run")
+
+    with pytest.raises(UserInputError, match="final/transformer"):
+        assemble(model, tmp_path / "nothing", tmp_path / "out")
+    out = assemble(model, model / "transformer", tmp_path / "weights")
+    assert (out / "transformer" / "config.json").read_text() == (model / "transformer" / "config.json").read_text()
+    assert (out / "vae" / "config.json").is_file() and (out / "generation_defaults.json").is_file()
