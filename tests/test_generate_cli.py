@@ -15,6 +15,7 @@ from PIL import Image
 from kaleido_s2v.cli import main
 from kaleido_s2v.cli.generate import _resolve_model_dir, apply_memory_options, parse_batch_file
 from kaleido_s2v.errors import UserInputError
+from kaleido_s2v.pipeline import KALEIDO_NEGATIVE_PROMPT
 from kaleido_s2v.video_io import read_video
 
 SMALL = ["--height", "32", "--width", "48", "--frames", "5", "--steps", "2", "--max-sequence-length", "32"]
@@ -73,7 +74,8 @@ def test_generate_writes_video_and_sidecar(model_dir, images, tmp_path, capsys):
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["prompt"] == side["encoded_prompt"] == "a fox wears the hat"
     assert side["references"] == [str((images / "a.png").resolve()), str((images / "b.jpg").resolve())]
-    assert side["seed"] == 7 and side["negative_prompt"] is None
+    assert side["seed"] == 7 and side["negative_prompt_is_default"]
+    assert side["negative_prompt"] == KALEIDO_NEGATIVE_PROMPT
     assert side["settings"]["height"] == 32 and side["settings"]["num_inference_steps"] == 2
     assert side["settings"]["fps"] == 8 and side["settings"]["dtype"] == "float32"
     assert side["model"] == str(model_dir.resolve()) and side["versions"]["diffusers"]
@@ -176,6 +178,9 @@ def _bad_cases(model_dir, images, tmp_path):
     batch = tmp_path / "bad.txt"
     batch.write_text(f"good@@{images / 'a.png'}\n@@{images / 'a.png'}\n")
     five = [a for _ in range(5) for a in ("--ref", str(images / "a.png"))]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps({"prompt": "p", "references": [str(images / "a.png")], "output": "x.mp4"})
+                           + "\n" for _ in range(2)))
     return {
         "missing image": (ok[:4] + ["--ref", str(tmp_path / "nope.png")] + SMALL, "does not exist"),
         "unreadable image": (ok[:4] + ["--ref", str(images / "not_an_image.png")] + SMALL, "not a readable image"),
@@ -193,12 +198,19 @@ def _bad_cases(model_dir, images, tmp_path):
         "bad batch line": (["--model", str(model_dir), "--batch", str(batch), "--out-dir", str(tmp_path / "o"),
                             *SMALL], f"{batch}:2"),
         "output suffix": (ok + ["-o", str(tmp_path / "x.avi")], ".mp4"),
+        "offload on cpu": (ok + ["--cpu-offload", "--device", "cpu"], "need a CUDA"),
+        "both offloads": (ok + ["--cpu-offload", "--group-offload"], "exclude each other"),
+        "convert without model": (ok[2:] + ["--convert"], "--convert needs --model"),
+        "batch and prompt": (ok + ["--batch", str(batch)], "--batch FILE replaces"),
+        "out-dir without batch": (ok + ["--out-dir", str(tmp_path / "o")], "--out-dir applies to --batch"),
+        "duplicate batch output": (["--model", str(model_dir), "--batch", str(dup), *SMALL], f"{dup}:2"),
     }
 
 
 CASES = ["missing image", "unreadable image", "corrupt image", "empty prompt", "height", "width", "frames",
          "too many refs", "no ref for a user model", "model missing", "model incomplete",
-         "model not a diffusers folder", "bad batch line", "output suffix"]
+         "model not a diffusers folder", "bad batch line", "output suffix", "offload on cpu", "both offloads",
+         "convert without model", "batch and prompt", "out-dir without batch", "duplicate batch output"]
 
 
 @pytest.mark.parametrize("case", CASES)

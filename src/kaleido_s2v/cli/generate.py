@@ -294,6 +294,8 @@ def _build_cases(args, builtin: bool) -> tuple[list[Case], list[str]]:
     if args.batch is None:
         if args.prompt is None:
             raise UserInputError("give --prompt TEXT (and --ref IMAGE ...), or --batch FILE")
+        if args.out_dir is not None:
+            raise UserInputError("--out-dir applies to --batch; for one video give -o/--output FILE.mp4")
         if not str(args.output).endswith(".mp4"):
             raise UserInputError(f"--output '{args.output}' must end in .mp4")
         refs = list(args.ref)
@@ -309,17 +311,21 @@ def _build_cases(args, builtin: bool) -> tuple[list[Case], list[str]]:
         raise UserInputError("--batch FILE replaces --prompt/--ref: give one or the other")
     batch = Path(args.batch)
     out_dir = Path(args.out_dir) if args.out_dir else batch.with_name(f"{batch.stem}_videos")
-    cases, skipped = [], []
+    cases, skipped, outputs = [], [], {}
     for line_no, fields in parse_batch_file(batch):
         try:
             if isinstance(fields, UserInputError):
                 raise fields
             where = _where(batch, line_no)
+            output = out_dir / (fields.get("output") or f"case{line_no:04d}.mp4")
+            if output in outputs:
+                raise UserInputError(f"{where}: output '{output.name}' is already used by line {outputs[output]}")
+            outputs[output] = line_no
             case = Case(
                 prompt=fields["prompt"],
                 references=fields["references"],
                 labels=[str(Path(r)) for r in fields["references"]],
-                output=out_dir / (fields.get("output") or f"case{line_no:04d}.mp4"),
+                output=output,
                 seed=fields.get("seed") if fields.get("seed") is not None else args.seed,
                 negative_prompt=fields.get("negative_prompt") or args.negative_prompt,
                 source=where,
@@ -374,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from kaleido_s2v.distributed import enable_context_parallel, init_distributed, shutdown_distributed
+    from kaleido_s2v.pipeline import KALEIDO_NEGATIVE_PROMPT
     from kaleido_s2v.video_io import write_video
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -436,7 +443,8 @@ def run(args: argparse.Namespace) -> int:
                 "video": str(case.output),
                 "prompt": case.prompt,
                 "encoded_prompt": case.encoded_prompt or case.prompt,
-                "negative_prompt": case.negative_prompt,  # null: the release's default
+                "negative_prompt": KALEIDO_NEGATIVE_PROMPT if case.negative_prompt is None else case.negative_prompt,
+                "negative_prompt_is_default": case.negative_prompt is None,
                 "references": case.labels,
                 "seed": seed,
                 "settings": {
