@@ -38,11 +38,23 @@ def small_wan_vae(seed=0):
     return AutoencoderKLWan(base_dim=4, z_dim=16).eval()
 
 
+def umt5_like_wan():
+    """`tiny_text_encoder` with Wan's relative_attention_max_distance (128), which Wan's `.pth` does not store."""
+    from transformers import UMT5EncoderModel
+
+    tiny = tiny_text_encoder()
+    config = tiny.config
+    config.relative_attention_max_distance = 128
+    model = UMT5EncoderModel(config).eval()
+    model.load_state_dict(tiny.state_dict())
+    return model
+
+
 @pytest.fixture(scope="module")
 def models():
     return dict(
         transformer=tiny_transformer(num_attention_heads=1, attention_head_dim=HEAD_DIM).eval(),
-        text_encoder=tiny_text_encoder(),
+        text_encoder=umt5_like_wan(),
         vae=small_wan_vae(),
         tokenizer=tiny_tokenizer(),
     )
@@ -141,7 +153,7 @@ def test_official_release_converts_and_loads(tmp_path, models):
 
     src = write_release(tmp_path / "Kaleido-14B-S2V", models)
     dst = tmp_path / "out"
-    summary = convert(src, dst, max_shard_size="40KB", progress=False, t5_max_distance=32)
+    summary = convert(src, dst, max_shard_size="40KB", progress=False)
 
     # transformer: bf16 kept, config from shapes + the release's R-RoPE, equal key by key and in a forward pass
     stored = read_safetensors_folder(dst / "transformer")
@@ -174,7 +186,7 @@ def test_official_release_converts_and_loads(tmp_path, models):
         )
     t5 = UMT5EncoderModel.from_pretrained(dst, subfolder="text_encoder").eval()
     assert_same_state(t5, models["text_encoder"], torch.bfloat16)
-    assert t5.config.relative_attention_max_distance == 32
+    assert t5.config.relative_attention_max_distance == 128
     tok = AutoTokenizer.from_pretrained(dst / "tokenizer")
     ids = tok(["a red ball", "two cats play"], padding=True, return_tensors="pt")
     ref_t5 = models["text_encoder"].to(torch.bfloat16)
@@ -433,7 +445,7 @@ def test_resolve_model_dir(tmp_path, models, monkeypatch, capsys):
     monkeypatch.setenv("KALEIDO_S2V_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UserInputError, match="kaleido-s2v convert --src") as info:
         resolve_model_dir(src)
-    command = str(info.value).split("convert it once with: ")[1]
+    command = str(info.value).split("convert it once with: ")[1].split(" (or allow")[0]
     argv = shlex.split(command)
     assert argv[:2] == ["kaleido-s2v", "convert"] and argv[5].startswith(str(tmp_path / "cache" / "Kaleido-14B-S2V-"))
     assert main([*argv[1:], "--quiet"]) == 0  # the printed command works as is
@@ -484,3 +496,32 @@ def test_sentencepiece_tokenizer_folder(tmp_path):
     want = T5Tokenizer(vocab_file=str(folder / "spiece.model"))
     for prompt in ("a red ball", "two cats play on the floor"):
         assert got(prompt).input_ids == want(prompt).input_ids
+
+
+def test_pipeline_generates_from_official_folder_like_the_original_models(tmp_path, models, monkeypatch):
+    """`KaleidoPipeline.from_pretrained(<official folder>, auto_convert=True)` converts into the cache and then
+    generates exactly what a pipeline assembled from the original (bf16-rounded) modules generates."""
+    pipeline = pytest.importorskip("kaleido_s2v.pipeline")
+    from PIL import Image
+
+    from kaleido_s2v.tiny import tiny_scheduler
+
+    monkeypatch.setenv("KALEIDO_S2V_CACHE", str(tmp_path / "cache"))
+    src = write_release(tmp_path / "Kaleido-14B-S2V", models)
+    converted = pipeline.KaleidoPipeline.from_pretrained(src, auto_convert=True, torch_dtype=torch.float32)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    def rounded(model):  # the release stores the DiT and umT5 in bf16
+        copy = type(model)(model.config) if hasattr(model, "main_input_name") else type(model)(**model.config)
+        copy.load_state_dict({k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()})
+        return copy.eval()
+
+    original = pipeline.KaleidoPipeline(
+        tokenizer=models["tokenizer"], text_encoder=rounded(models["text_encoder"]), vae=models["vae"],
+        transformer=rounded(models["transformer"]), scheduler=tiny_scheduler(),
+    )  # fmt: skip
+    ref = Image.new("RGB", (24, 40), (200, 30, 30))
+    kw = dict(prompt="a red cube", reference_images=[ref], height=32, width=32, num_frames=5, num_inference_steps=2)
+    a = converted(**kw, generator=torch.Generator().manual_seed(0)).frames
+    b = original(**kw, generator=torch.Generator().manual_seed(0)).frames
+    assert a.shape == b.shape and abs(a - b).max() == 0

@@ -211,6 +211,7 @@ def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache
         raise UserInputError(
             f"{root} is an official release, not a diffusers folder; convert it once with: "
             f"kaleido-s2v convert --src {shlex.quote(str(root))} --dst {shlex.quote(str(dst))}"
+            " (or allow conversion on the fly: auto_convert=True, or `generate --convert`)"
         )
     from .converter import convert
 
