@@ -17,6 +17,7 @@ _EXPORTS = {
     "fit_reference": "kaleido_s2v.references",
     "load_reference": "kaleido_s2v.references",
     "official_sigmas": "kaleido_s2v.schedule",
+    "resolve_model_dir": "kaleido_s2v.checkpoints",
     "read_video": "kaleido_s2v.video_io",
     "write_video": "kaleido_s2v.video_io",
     "UserInputError": "kaleido_s2v.errors",
