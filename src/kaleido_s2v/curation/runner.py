@@ -142,20 +142,18 @@ def whole_video_clip(source: str) -> Clip:
 
 
 def write_clip(clip: Clip, output_dir: Path) -> None:
-    """`OUTPUT/clips/<clip_id>.mp4`: the clip's window cut from the source (native fps), written atomically."""
-    from ..video_io import read_video, write_video
+    """`OUTPUT/clips/<clip_id>.mp4`: the clip's window cut from the source (native fps), streamed, atomic."""
+    from .frames import stream_clip
 
     dst = output_dir / "clips" / f"{clip.clip_id}.mp4"
     if dst.is_file():
         return
     try:
-        frames = read_video(clip.source, start_s=clip.start_s, end_s=clip.end_s)
-    except UserInputError as e:
+        stream_clip(clip.source, clip.start_s, clip.end_s, dst, native_fps=clip.fps or 16.0)
+    except (UserInputError, ValueError) as e:
         clip.reject("unreadable")
         clip.reasons_by_stage.setdefault("clips", []).append("unreadable")
         clip.fields["clip_error"] = str(e)
-        return
-    write_video(dst, frames, fps=clip.fps or 16)
 
 
 @dataclass

@@ -114,7 +114,7 @@ class ExportStage(Stage):
         return paths or None
 
     def process(self, clip: Clip) -> Clip:
-        from ...video_io import read_video, write_video
+        from ..frames import stream_clip
 
         caption = clip.fields.get("caption")
         kept = [s for s in clip.fields.get("subjects") or [] if s.get("status") == "kept"][: self.max_refs]
@@ -126,12 +126,11 @@ class ExportStage(Stage):
         dst = Path(self.output_dir) / rel
         if not dst.is_file():
             try:
-                frames = read_video(clip.source, fps=self.fps, start_s=clip.start_s, end_s=clip.end_s)
-            except UserInputError as e:
+                stream_clip(clip.source, clip.start_s, clip.end_s, dst, fps=self.fps)
+            except (UserInputError, ValueError) as e:
                 clip.fields["export"] = {"candidates": {}, "error": str(e)}
                 clip.reject("unreadable")
                 return clip
-            write_video(dst, frames, fps=self.fps)
         candidates = {t: refs for t in TYPES if (refs := self.candidate_refs(kept, t))}
         clip.fields["export"] = {"video": rel, "candidates": candidates}
         if not candidates:
