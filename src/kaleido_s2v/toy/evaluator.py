@@ -35,6 +35,7 @@ _HUES = np.asarray([hue_of(COLOURS[c]) for c in COLOUR_NAMES], np.float32)
 MIN_CHROMA = 55  # subject pixels (darkest texture shade has >= 75); backgrounds have <= 40
 BG_MAX_CHROMA = 45
 MAX_HUE_DIST = 20.0
+LEAK_MAX_DIST = 20.0  # background distance (0..255) under which a reference background counts as shown
 
 
 # --- pixels -------------------------------------------------------------------------------------------------
@@ -257,6 +258,7 @@ def score_video(
     *,
     clip_id: str = "",
     presence: float = 0.3,
+    leak_max_dist: float = LEAK_MAX_DIST,
 ) -> CaseScore:
     """Score one video (F, H, W, 3) uint8 against the scene it should show and its references' backgrounds."""
     frames = np.asarray(frames)
@@ -302,7 +304,9 @@ def score_video(
     bg_target = background_distance(frames, mask, _background_image(scene.background, scene, h, w))
     others = [b for b in (ref_backgrounds or []) if b != scene.background]
     bg_refs = [background_distance(frames, mask, _background_image(b, scene, h, w)) for b in others]
-    leak = bool(min(bg_refs) < bg_target) if bg_refs else None
+    # a leak: some reference background is both closer than the prompt's and close in absolute terms (a video
+    # whose colours are merely washed out is far from every background and is not called a leak)
+    leak = bool(min(bg_refs) < min(bg_target, leak_max_dist)) if bg_refs else None
     return CaseScore(
         clip_id=clip_id,
         colour_recall=sum(s.colour_found for s in subjects) / n,
