@@ -189,7 +189,6 @@ def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, g
     import torch
     from tqdm import tqdm
 
-    from .. import transformer as _registers_the_class  # noqa: F401  (from_pretrained resolves it by module name)
     from ..builtin import generation_defaults
     from ..pipeline import KaleidoPipeline
     from ..video_io import write_video

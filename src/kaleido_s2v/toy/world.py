@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import UserInputError
 from ..fileio import atomic_path
 from .captions import caption
-from .catalogue import BACKGROUNDS, CHARACTERS, COLOURS, SHAPES, TEXTURES
+from .catalogue import BACKGROUNDS, CHARACTERS, COLOURS, MOTIONS, SHAPES, TEXTURES
 from .render import jitter_palette, render, render_clip
 from .scene import Background, Scene, Subject, Track
 
@@ -103,9 +103,7 @@ def _sample_subject(rng: np.random.Generator, free: list[str], cfg: WorldConfig)
     return Subject(list(SHAPES)[rng.integers(len(SHAPES))], colour, texture)
 
 
-def _sample_motion(rng: np.random.Generator, subject: Subject, size: float) -> dict:
-    from .catalogue import MOTIONS
-
+def _sample_motion(rng: np.random.Generator, subject: Subject) -> dict:
     motion = list(MOTIONS)[rng.integers(len(MOTIONS))]
     kw: dict = {"motion": motion, "angle": 0.0 if subject.is_character else float(rng.uniform(0, 360))}
     if motion in ("left", "right"):
@@ -163,7 +161,7 @@ def sample_scene(rng: np.random.Generator, cfg: WorldConfig) -> Scene:
     for _ in range(n):
         subject = _sample_subject(rng, free, cfg)
         size = float(rng.uniform(*size_range))
-        track = Track(subject=subject, x=0.0, y=0.0, size=size, **_sample_motion(rng, subject, size))
+        track = Track(subject=subject, x=0.0, y=0.0, size=size, **_sample_motion(rng, subject))
         track = _place(rng, track, paths, aspect)
         tracks.append(track)
         paths.append(_path(track, np.linspace(0.0, 1.0, 17)))
@@ -183,7 +181,7 @@ def relayout(rng: np.random.Generator, scene: Scene, cfg: WorldConfig) -> Scene:
     """The same subjects, new motions and positions, on a background of another style (a 'source clip')."""
     tracks, paths = [], []
     for t in scene.tracks:
-        track = Track(subject=t.subject, x=0.0, y=0.0, size=t.size, **_sample_motion(rng, t.subject, t.size))
+        track = Track(subject=t.subject, x=0.0, y=0.0, size=t.size, **_sample_motion(rng, t.subject))
         track = _place(rng, track, paths, scene.aspect)
         tracks.append(track)
         paths.append(_path(track, np.linspace(0.0, 1.0, 17)))
