@@ -98,6 +98,18 @@ def tiny_dirs(tmp_path_factory):
     return write_tiny_pipeline(root / "model"), write_synthetic_data(root / "data")
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory, tiny_dirs):
+    """The synthetic data encoded once with `kaleido-s2v train --build-cache` (32x32, 5 frames)."""
+    from kaleido_s2v.cli import main
+
+    model, data = tiny_dirs
+    cache = tmp_path_factory.mktemp("cache") / "cache"
+    assert main(["train", "--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32",
+                 "--width", "32", "--cache-dir", str(cache), "--no-progress", "--build-cache"]) == 0
+    return cache
+
+
 # ---------------------------------------------------------------------------------------------- objective
 class TestObjective:
     def test_resolution_shift_matches_spec(self):
@@ -326,7 +338,7 @@ def test_cli_bad_inputs(tmp_path, tiny_dirs):
     assert not (tmp_path / "o" / "final").exists()
 
 
-def test_train_resume_is_exact(tmp_path, tiny_dirs):
+def test_train_resume_is_exact(tmp_path, tiny_dirs, tiny_cache):
     """4 steps straight vs 2 steps + resume from checkpoint-2: the same losses and the same final weights."""
     from safetensors.torch import load_file
 
@@ -334,10 +346,14 @@ def test_train_resume_is_exact(tmp_path, tiny_dirs):
 
     model, data = tiny_dirs
     common = ["train", "--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32",
-              "--width", "32", "--batch-size", "2", "--save-every", "2", "--no-progress"]
+              "--width", "32", "--batch-size", "2", "--save-every", "2", "--no-progress", "--cache-dir", str(tiny_cache)]
     assert main([*common, "--output", str(tmp_path / "a"), "--max-steps", "4"]) == 0
     assert main([*common, "--output", str(tmp_path / "b"), "--max-steps", "2"]) == 0
-    assert main([*common, "--output", str(tmp_path / "b"), "--max-steps", "4", "--resume", "latest"]) == 0
+    assert main([*common, "--output", str(tmp_path / "b"), "--max-steps", "4", "--resume", "latest",
+                 "--num-workers", "1"]) == 0
+    # a checkpoint of another setup (full vs LoRA) is refused with a one-line error, exit 2
+    assert main([*common, "--output", str(tmp_path / "c"), "--max-steps", "4", "--lora-rank", "4", "--resume",
+                 str(tmp_path / "a" / "checkpoint-2")]) == 2
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
@@ -395,30 +411,29 @@ def test_lora_round_trip(tmp_path, tiny_dirs):
     assert (got - base).abs().max() > 1e-4
 
 
-def test_cache_build_and_train(tmp_path, tiny_dirs):
+def test_cache_build_and_train(tmp_path, tiny_dirs, tiny_cache):
     from kaleido_s2v.cli import main
 
     model, data = tiny_dirs
-    cache = tmp_path / "cache"
-    common = ["--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32", "--width", "32",
-              "--cache-dir", str(cache), "--no-progress"]
-    assert main(["train", *common, "--build-cache"]) == 0
-    entry = torch.load(cache / "c2.pt", weights_only=True)
+    entry = torch.load(tiny_cache / "c2.pt", weights_only=True)
     assert entry["latents"].shape == (16, 2, 4, 4) and len(entry["ref_latents"]) == 3
+    common = ["--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32", "--width", "32",
+              "--cache-dir", str(tiny_cache), "--no-progress"]
     assert main(["train", *common, "--output", str(tmp_path / "o"), "--max-steps", "2"]) == 0
     assert len(read_metrics(tmp_path / "o")) == 2
     assert main(["train", *common, "--output", str(tmp_path / "o2"), "--max-steps", "2", "--height", "48"]) == 2
 
 
-def test_non_finite_step_is_skipped(tmp_path, tiny_dirs):
+def test_non_finite_step_is_skipped(tmp_path, tiny_dirs, tiny_cache):
     """A NaN sample (poisoned cache entry) must not reach the weights: the update is skipped and logged."""
+    import shutil
+
     from kaleido_s2v.cli import main
 
     model, data = tiny_dirs
-    cache = tmp_path / "cache"
+    cache = shutil.copytree(tiny_cache, tmp_path / "cache")
     common = ["--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32", "--width", "32",
               "--cache-dir", str(cache), "--no-progress", "--batch-size", "3"]
-    assert main(["train", *common, "--build-cache"]) == 0
     entry = torch.load(cache / "c1.pt", weights_only=True)
     entry["latents"][:] = float("nan")
     torch.save(entry, cache / "c1.pt")

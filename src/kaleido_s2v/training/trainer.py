@@ -174,6 +174,7 @@ def save_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, step: int, r
 
 def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state_file = path / "trainer_state.json"
@@ -181,9 +182,16 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
         raise UserInputError(f"--resume '{path}' is not a checkpoint folder (no trainer_state.json): give checkpoint-<step>")
     model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
     state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # dcp wraps per-rank errors in CheckpointException (a BaseException)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise UserInputError(
+            f"--resume '{path}' does not match this model/optimizer ({lines[-1][:200] if lines else type(e).__name__}): "
+            "resume with the settings it was saved with (its config.yaml)"
+        ) from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return int(json.loads(state_file.read_text())["step"])
 
@@ -225,6 +233,13 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
     return final
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a crash
+
+
 class _Metrics:
     """metrics.jsonl (+ TensorBoard when installed) on the main process."""
 
@@ -235,7 +250,7 @@ class _Metrics:
         if not self.enabled:
             return
         if self.path.exists():  # keep the history up to the resumed step, drop what came after it
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) is not None and _step_of(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         if tensorboard:
             try:
