@@ -302,3 +302,23 @@ def test_models_file_errors(tmp_path):
     (tmp_path / "m.yaml").write_text("clip: does-not-exist\n")
     with pytest.raises(UserInputError, match="role 'clip' not found"):
         read_models(tmp_path / "m.yaml")
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(small_run, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no chromium installed (apt-get install chromium)")
+    out = tmp_path / "out"
+    assert main(["evaluate", "--cases", str(small_run / "cases.jsonl"), "--videos", str(small_run), "--models",
+                 str(small_run / "models.yaml"), "--output", str(out), "--metrics", "motion_smoothness,text_alignment",
+                 "--device", "cpu", "--no-progress"]) == 0
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,900", (out / "report.html").as_uri()], check=True, timeout=120,
+                   capture_output=True)
+    img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert img.shape == (900, 1200) and img.std() > 10  # something was drawn, not a blank page

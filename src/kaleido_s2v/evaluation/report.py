@@ -58,8 +58,8 @@ def bar_chart_svg(title: str, values: dict[str, float | None], width: int = 420)
         parts.append(f'<text x="{max(x0, x1) + 4:.1f}" y="{y + 12}" font-size="11">{v:.3f}</text>')
     axis_y = top + bar_h * len(rows) + 4
     parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#333"/>')
-    parts.append(f'<text x="{left}" y="{axis_y + 14}" font-size="10">{lo:g}</text>')
-    parts.append(f'<text x="{left + plot_w}" y="{axis_y + 14}" font-size="10" text-anchor="end">{hi:g}</text>')
+    parts.append(f'<text x="{left}" y="{axis_y + 14}" font-size="10">{lo:.3g}</text>')
+    parts.append(f'<text x="{left + plot_w}" y="{axis_y + 14}" font-size="10" text-anchor="end">{hi:.3g}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -93,7 +93,8 @@ def write_html(path: Path, scores: dict, thumbs: dict[str, dict]) -> None:
     css = ("body{font-family:sans-serif;margin:20px;color:#222}table{border-collapse:collapse;margin:8px 0}"
            "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;font-size:13px}"
            "th{background:#f0f0f0}img{margin:1px;border:1px solid #ddd}.plots svg{margin:6px 12px 6px 0}"
-           ".prompt{max-width:420px;font-size:12px;color:#555}.num{text-align:right;font-family:monospace}")
+           ".prompt{max-width:420px;font-size:12px;color:#555}.num{text-align:right;font-family:monospace}"
+           "pre{white-space:pre-wrap;font-size:12px}")
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>kaleido-s2v evaluation</title>",
            f"<style>{css}</style></head><body><h1>kaleido-s2v evaluation</h1>",
            f"<p>{len(scores['per_case'])} cases, metrics: {', '.join(metrics)}</p>",
