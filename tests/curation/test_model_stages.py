@@ -57,6 +57,16 @@ def test_caption_batches_like_single_calls_and_records_unreadable(models, clips,
     assert batch[1].reasons == ["unreadable"]
 
 
+def test_qwen25_vl_loads_through_the_same_auto_class():
+    """The caption stage loads with AutoModelForImageTextToText; Qwen2.5-VL (the paper-era captioner) maps there.
+
+    A tiny Qwen2.5-VL cannot be run here: `Qwen2_5_VLProcessor` needs a video processor, which needs torchvision.
+    """
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    assert AutoModelForImageTextToText._model_mapping[Qwen2_5_VLConfig] is Qwen2_5_VLForConditionalGeneration
+
+
 def test_caption_needs_a_model_folder(tmp_path):
     with pytest.raises(UserInputError, match=r"caption.*needs a local model folder.*--config"):
         build_stage("caption", {})

@@ -37,17 +37,20 @@ def test_ray_with_two_workers_gives_the_local_manifest(tmp_path):
     inp = tmp_path / "in"
     inp.mkdir()
     _inputs(inp)
-    local = run_pipeline(inp, tmp_path / "local", ["scenes", "quality"], CFG, write_clips=False)
+    local = run_pipeline(inp, tmp_path / "local", ["scenes", "quality"], CFG)
     ex = RayExecutor(workers=2)
     try:
-        ray_res = run_pipeline(inp, tmp_path / "ray", ["scenes", "quality"], CFG, executor=ex, write_clips=False)
-        again = run_pipeline(inp, tmp_path / "ray", ["scenes", "quality"], CFG, executor=ex, write_clips=False)
+        ray_res = run_pipeline(inp, tmp_path / "ray", ["scenes", "quality"], CFG, executor=ex)
+        again = run_pipeline(inp, tmp_path / "ray", ["scenes", "quality"], CFG, executor=ex)
     finally:
         ex.shutdown()
     assert ray_res.summary["executor"] == "ray"
     assert _records(tmp_path / "ray" / "manifest.jsonl") == _records(tmp_path / "local" / "manifest.jsonl")
     assert local.summary["reasons"] == ray_res.summary["reasons"] and ray_res.summary["reasons"]["too_dark"] == 2
     assert again.stats["scenes"].processed == 0 and again.stats["quality"].processed == 0
+    assert again.stats["write_clips"].processed == 0
+    kept = sorted(p.name for p in (tmp_path / "local" / "clips").iterdir())
+    assert kept and kept == sorted(p.name for p in (tmp_path / "ray" / "clips").iterdir())  # written by Ray tasks
 
 
 @pytest.mark.slow
@@ -71,3 +74,17 @@ def test_model_stage_runs_as_an_actor_pool_with_batches(tmp_path):
         ex.shutdown()
     assert res.stats["caption"].processed == 4
     assert _records(tmp_path / "ray" / "manifest.jsonl") == _records(tmp_path / "local" / "manifest.jsonl")
+
+
+@pytest.mark.slow
+def test_cli_workers_flag_uses_ray(tmp_path, capsys):
+    from kaleido_s2v.cli import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    _inputs(inp)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(CFG))
+    rc = main(["curate", "--input", str(inp), "--output", str(tmp_path / "o"), "--config", str(cfg),
+               "--workers", "2", "--json", "--no-clips"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["executor"] == "ray"

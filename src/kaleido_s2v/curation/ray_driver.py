@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from .runner import apply_stage
+from .runner import apply_stage, write_clip
 from .stage import SplitStage, Stage
 from .tasks import Clip, Video
 
@@ -34,6 +34,15 @@ def _stage_batch(batch: dict, stage: Stage, fp: str) -> dict:
     clips = [Clip.from_json(s) for s in batch["record"]]
     out = apply_stage(stage, clips, fp)
     return {"record": np.array([c.to_json() for c in out], dtype=object)}
+
+
+def _write_batch(batch: dict, output_dir: str) -> dict:
+    from pathlib import Path
+
+    clips = [Clip.from_json(s) for s in batch["record"]]
+    for c in clips:
+        write_clip(c, Path(output_dir))
+    return {"record": np.array([c.to_json() for c in clips], dtype=object)}
 
 
 class _StageActor:
@@ -90,6 +99,20 @@ class RayExecutor:
         ds = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=self._blocks(len(sources)))
         ds = ds.flat_map(_split_row, fn_kwargs={"stage": stage}, compute=self._tasks(), num_cpus=1)
         return [Clip.from_json(r["record"]) for r in ds.take_all()]
+
+    def write_clips(self, clips: list[Clip], output_dir, progress: bool = False) -> None:
+        """Cut the kept clips' files in parallel tasks (a clip that fails to decode comes back rejected)."""
+        import ray
+
+        if not clips:
+            return
+        by_id = {c.clip_id: c for c in clips}
+        ds = ray.data.from_items([{"record": c.to_json()} for c in clips], override_num_blocks=self._blocks(len(clips)))
+        ds = ds.map_batches(_write_batch, fn_kwargs={"output_dir": str(output_dir)}, batch_size=1,
+                            batch_format="numpy", compute=self._tasks(), num_cpus=1)
+        for row in ds.iter_rows():
+            new = Clip.from_record(json.loads(row["record"]))
+            by_id[new.clip_id].__dict__.update(new.__dict__)
 
     def run_stage(self, stage: Stage, clips: list[Clip], fp: str, progress: bool = False,
                   on_batch=None) -> list[Clip]:

@@ -99,6 +99,12 @@ class LocalExecutor:
 
     name = "local"
 
+    def write_clips(self, clips: list[Clip], output_dir: Path, progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        for c in tqdm(clips, desc="clips", disable=not progress):
+            write_clip(c, output_dir)
+
     def split(self, stage: SplitStage, sources: list[str], progress: bool = False) -> list[Clip]:
         from tqdm.auto import tqdm
 
@@ -253,14 +259,15 @@ def run_pipeline(
     # 3. kept clips as files; files of clips rejected since are removed
     if write_clips:
         t0 = time.perf_counter()
-        for c in clips:
-            if c.source in active and c.kept:
-                write_clip(c, output_dir)
+        todo = [c for c in clips if c.source in active and c.kept
+                and not (output_dir / "clips" / f"{c.clip_id}.mp4").is_file()]
+        executor.write_clips(todo, output_dir, progress=progress)
         for c in clips:
             f = output_dir / "clips" / f"{c.clip_id}.mp4"
             if not c.kept and f.exists():
                 f.unlink()
-        stats["write_clips"] = StageStats(processed=sum(c.kept for c in clips), seconds=time.perf_counter() - t0)
+        stats["write_clips"] = StageStats(processed=len(todo), cached=sum(c.kept for c in clips) - len(todo),
+                                          seconds=time.perf_counter() - t0)
         write_manifest(manifest_path, clips)
 
     summary = summarize(clips, {k: v.as_dict() for k, v in stats.items()})
