@@ -81,6 +81,9 @@ def test_generate_writes_video_and_sidecar(model_dir, images, tmp_path, capsys):
     assert side["model"] == str(model_dir.resolve()) and side["versions"]["diffusers"]
     assert side["seconds"] > 0
     assert _files(tmp_path / "out") == ["video.json", "video.mp4"]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_cli_video_matches_the_pipeline(model_dir, images, tmp_path):
