@@ -167,6 +167,14 @@ def test_latents_stay_fp32_with_a_bf16_transformer():
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
 
 
+def test_one_vae_encode_per_reference_each_a_single_frame(pipe, refs, monkeypatch):
+    shapes = []
+    original = pipe.vae.encode
+    monkeypatch.setattr(pipe.vae, "encode", lambda x, *a, **k: shapes.append(tuple(x.shape)) or original(x, *a, **k))
+    _run(pipe, references=refs + [refs[0]], num_inference_steps=1)
+    assert shapes == [(1, 3, 1, H, W)] * 3
+
+
 def test_no_guidance_means_one_call_per_step(pipe, refs):
     with TransformerSpy(pipe) as spy:
         _run(pipe, references=refs, num_inference_steps=2, guidance_scale=1.0)
