@@ -1,7 +1,7 @@
 """Multi-process training on CPU (torchrun, gloo): FSDP2 and context parallel match one process on the same data.
 
-The same global batch and the same per-slot noise make the runs comparable: 2 ranks x batch 1 (FSDP2) or a
-context-parallel pair x batch 1 against 1 process x batch 2 (or 1).
+The same global batch and the same per-slot noise make the runs comparable: 2 ranks x batch 2 (FSDP2) or a
+context-parallel pair x batch 1 against 1 process x batch 4 (or 1).
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, dirs):
     from kaleido_s2v.training.trainer import load_transformer, train
 
     model, data = dirs
-    torchrun(2, *common(model, data, tmp_path / "fsdp", 3), "--batch-size", "1")
-    train(toy_config(model, data, tmp_path / "one", max_steps=3, save_every=3, batch_size=2), progress=False)
+    # 2 samples per rank with 1-3 references each: one forward per sample on every rank (equal collectives)
+    torchrun(2, *common(model, data, tmp_path / "fsdp", 3), "--batch-size", "2")
+    train(toy_config(model, data, tmp_path / "one", max_steps=3, save_every=3, batch_size=4), progress=False)
 
     fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
     assert [m["loss"] for m in fsdp] == pytest.approx([m["loss"] for m in one], rel=1e-5)

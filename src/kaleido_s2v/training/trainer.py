@@ -105,11 +105,16 @@ def encode_batch(items: list[dict], frozen: dict, cfg: TrainConfig, device) -> l
     return out
 
 
-def batch_loss(transformer, encoded: list[dict], shift: float, device) -> torch.Tensor:
-    """Mean flow-matching loss of a micro-batch. Samples with the same reference shapes run as one forward."""
+def batch_loss(transformer, encoded: list[dict], shift: float, device, *, group: bool = True) -> torch.Tensor:
+    """Mean flow-matching loss of a micro-batch.
+
+    With `group`, samples with the same reference shapes run as one forward. Under FSDP every rank must run
+    the same number of forwards (each one all-gathers the weights), so there each sample runs alone.
+    """
     groups: dict[tuple, list[dict]] = {}
-    for e in encoded:
-        groups.setdefault(tuple(tuple(r.shape) for r in e["ref_latents"]), []).append(e)
+    for i, e in enumerate(encoded):
+        key = tuple(tuple(r.shape) for r in e["ref_latents"]) if group else i
+        groups.setdefault(key, []).append(e)
     total = 0.0
     for members in groups.values():
         noises, sigmas = [], []
@@ -290,10 +295,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     from .data import StepBatchSampler
 
     cfg.validate()
-    rt = init_runtime(cfg.parallel.cp_degree)
-    output = Path(cfg.run.output)
     if not cfg.run.output:
         raise UserInputError("--output is required: give a folder for checkpoints, metrics and the final weights")
+    rt = init_runtime(cfg.parallel.cp_degree)
+    output = Path(cfg.run.output)
     if rt.is_main:
         output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
@@ -361,7 +366,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             model.set_requires_gradient_sync(is_last_micro)
         encoded = encode_batch(items, frozen, cfg, rt.device)
         with autocast:
-            loss = batch_loss(model, encoded, shift, rt.device) / cfg.run.grad_accum
+            loss = batch_loss(model, encoded, shift, rt.device, group=not rt.dims.distributed) / cfg.run.grad_accum
         loss.backward()
         accum_loss += loss.detach()
         micro += 1
