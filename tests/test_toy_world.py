@@ -271,3 +271,18 @@ def test_cli_make_data_and_errors(tmp_path, capsys):
     assert len(list((tmp_path / "d" / "videos").glob("*.mp4"))) == 3
     assert main(["make-data", "--out", str(tmp_path / "e"), "--num", "3", "--mix", "1:2"]) == 2
     assert "--mix" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_no_colour_captions_leave_colours_to_the_references():
+    cfg = WorldConfig(caption_style="no-colour")
+    for i in range(12):
+        scene, text, _, images, _ = training_clip(5, i, cfg, "segment")
+        assert training_clip(5, i, CFG, "segment")[0] == scene  # same scene, only the caption differs
+        subjects = text.lower().removesuffix(BACKGROUNDS[scene.background.style][0] + ".")  # "under a blue sky"
+        assert not any(c in subjects.split() for c in COLOURS), text
+        for track in scene.tracks:
+            assert track.subject.phrase(colours=False) in text.lower()
+        for img, track in zip(images, scene.tracks):  # the colour is still in the reference
+            assert _has(img, track.subject.colour)
+    with pytest.raises(UserInputError, match="caption-style"):
+        WorldConfig(caption_style="poetic")

@@ -21,6 +21,8 @@ def _world_args(p: argparse.ArgumentParser, default_mix: str) -> None:
     p.add_argument("--min-subjects", type=int, default=1)
     p.add_argument("--max-subjects", type=int, default=3)
     p.add_argument("--mix", default=default_mix, help=f"reference kinds crop:segment:crosspair:redux (default {default_mix})")
+    p.add_argument("--caption-style", default="full", choices=["full", "no-colour"],
+                   help="no-colour: captions leave subject colours to the references")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
@@ -35,6 +37,7 @@ def _config(args):
         min_subjects=args.min_subjects,
         max_subjects=args.max_subjects,
         ref_size=args.ref_size,
+        caption_style=args.caption_style,
     )
 
 
@@ -124,7 +127,8 @@ def _generate(args) -> int:
     from .model import generate_cases
 
     summary = generate_cases(args.model, args.cases, args.out, steps=args.steps, guidance=args.guidance,
-                             seed=args.seed, limit=args.limit, progress=not args.json)
+                             seed=args.seed, limit=args.limit, shuffle_refs=args.shuffle_refs,
+                             progress=not args.json)
     print(json.dumps(summary) if args.json else f"wrote {summary['cases']} videos to {summary['videos']}")
     return 0
 
@@ -188,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N cases")
+    p.add_argument("--shuffle-refs", type=int, default=None, metavar="SEED",
+                   help="control: give each case another case's references (seeded derangement)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_generate)
     return parser

@@ -184,17 +184,24 @@ def assemble(model_dir, transformer_dir, out) -> Path:
 
 
 def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, guidance: float | None = None,
-                   seed: int = 0, limit: int | None = None, progress: bool = True) -> dict:
-    """Generate `<clip_id>.mp4` for every evaluation case (its caption and reference images) with a model folder."""
+                   seed: int = 0, limit: int | None = None, shuffle_refs: int | None = None,
+                   progress: bool = True) -> dict:
+    """Generate `<clip_id>.mp4` for every evaluation case (its caption and reference images) with a model folder.
+
+    With `shuffle_refs` (a seed), case k gets the references of another case (a seeded derangement): the
+    generation-side control. Scored against case k, it shows how much of the recall the caption alone gives.
+    """
     import torch
     from tqdm import tqdm
 
     from ..builtin import generation_defaults
     from ..pipeline import KaleidoPipeline
     from ..video_io import write_video
+    from .evaluator import shuffled
     from .world import read_scenes
 
     records = read_scenes(cases_dir)[:limit]
+    ref_from = shuffled(len(records), shuffle_refs) if shuffle_refs is not None else list(range(len(records)))
     defaults = generation_defaults(model_dir)
     pipe = KaleidoPipeline.from_pretrained(model_dir)
     pipe.set_progress_bar_config(disable=True)
@@ -203,7 +210,7 @@ def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, g
     t0 = time.time()
     for k, r in enumerate(tqdm(records, desc="generating", disable=not progress)):
         scene = r["scene"]
-        refs = [Path(cases_dir) / info["path"] for info in r["references"]]
+        refs = [Path(cases_dir) / info["path"] for info in records[ref_from[k]]["references"]]
         video = pipe(
             prompt=r["caption"], reference_images=refs, height=scene["height"], width=scene["width"],
             num_frames=scene["frames"], num_inference_steps=steps or defaults.get("num_inference_steps", 20),
@@ -211,4 +218,5 @@ def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, g
             generator=torch.Generator().manual_seed(seed + k), output_type="np",
         ).frames[0]
         write_video(out_dir / f"{r['clip_id']}.mp4", video, fps=scene["fps"])
-    return {"videos": str(out_dir), "cases": len(records), "seconds": time.time() - t0}
+    return {"videos": str(out_dir), "cases": len(records), "seconds": time.time() - t0,
+            "references_from": [records[j]["clip_id"] for j in ref_from]}

@@ -28,12 +28,14 @@ class Subject:
     def colours(self) -> tuple[str, ...]:
         return (self.colour, self.accent) if self.accent else (self.colour,)
 
-    def phrase(self) -> str:
-        """'the red striped circle', 'the green figure with a red hat'."""
+    def phrase(self, colours: bool = True) -> str:
+        """'the red striped circle', 'the green figure with a red hat' (without colours: 'the striped circle')."""
         texture = "" if self.texture == "plain" else f"{self.texture} "
+        body = f"{self.colour} " if colours else ""
         if self.is_character:
-            return f"the {self.colour} {texture}{self.shape} with a {self.accent} {ACCENT_NOUN[self.shape]}"
-        return f"the {self.colour} {texture}{self.shape}"
+            accent = f"{self.accent} " if colours else ""
+            return f"the {body}{texture}{self.shape} with a {accent}{ACCENT_NOUN[self.shape]}"
+        return f"the {body}{texture}{self.shape}"
 
     def __post_init__(self):
         if self.shape not in SHAPES and self.shape not in CHARACTERS:

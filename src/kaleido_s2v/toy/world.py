@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import UserInputError
 from ..fileio import atomic_path
-from .captions import caption
+from .captions import CAPTION_STYLES, caption
 from .catalogue import BACKGROUNDS, CHARACTERS, COLOURS, MOTIONS, SHAPES, TEXTURES
 from .render import jitter_palette, render, render_clip
 from .scene import Background, Scene, Subject, Track
@@ -49,12 +49,15 @@ class WorldConfig:
     ref_size: int = 64
     character_prob: float = 0.25
     plain_prob: float = 0.4  # texture "plain"; the rest split evenly between the other textures
+    caption_style: str = "full"  # "no-colour": captions leave colours to the references (see captions.py)
 
     def __post_init__(self):
         if self.height < 16 or self.width < 16:
             raise UserInputError(f"frame size {self.height}x{self.width} is too small: use at least 16x16")
         if self.frames < 1:
             raise UserInputError(f"frames={self.frames}: give at least 1 frame")
+        if self.caption_style not in CAPTION_STYLES:
+            raise UserInputError(f"--caption-style {self.caption_style!r}: choose one of {', '.join(CAPTION_STYLES)}")
         if not 1 <= self.min_subjects <= self.max_subjects <= len(COLOURS) // 2:
             raise UserInputError(
                 f"subjects {self.min_subjects}..{self.max_subjects}: need 1 <= min <= max <= {len(COLOURS) // 2}"
@@ -285,7 +288,7 @@ def training_clip(seed: int, index: int, cfg: WorldConfig, kind: str):
     scene = sample_scene(rng, cfg)
     frames, _ = render_clip(scene)
     images, infos = make_references(scene, kind, rng, cfg.ref_size)
-    return scene, caption(scene), frames, images, infos
+    return scene, caption(scene, cfg.caption_style), frames, images, infos
 
 
 def eval_case(seed: int, index: int, cfg: WorldConfig, kind: str):
@@ -295,7 +298,7 @@ def eval_case(seed: int, index: int, cfg: WorldConfig, kind: str):
     frames, _ = render_clip(scene)
     source = relayout(rng, scene, cfg) if kind == "crop" else None
     images, infos = make_references(scene, kind, rng, cfg.ref_size, crop_source=source)
-    return scene, caption(scene), frames, images, infos
+    return scene, caption(scene, cfg.caption_style), frames, images, infos
 
 
 def _write(out, num: int, seed: int, cfg: WorldConfig, mix, make, video_dir: str, progress: bool) -> dict:
