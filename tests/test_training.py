@@ -419,8 +419,11 @@ def test_cache_build_and_train(tmp_path, tiny_dirs, tiny_cache):
     assert entry["latents"].shape == (16, 2, 4, 4) and len(entry["ref_latents"]) == 3
     common = ["--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32", "--width", "32",
               "--cache-dir", str(tiny_cache), "--no-progress"]
-    assert main(["train", *common, "--output", str(tmp_path / "o"), "--max-steps", "2"]) == 0
+    assert main(["train", *common, "--output", str(tmp_path / "o"), "--max-steps", "2", "--ref-rope", "time_negative"]) == 0
     assert len(read_metrics(tmp_path / "o")) == 2
+    config = json.loads((tmp_path / "o" / "final" / "transformer" / "config.json").read_text())
+    assert config["ref_rope"] == "time_negative" and config["_class_name"] == "KaleidoTransformer3DModel"
+    assert main(["train", *common, "--output", str(tmp_path / "o3"), "--ref-rope", "sideways"]) == 2
     assert main(["train", *common, "--output", str(tmp_path / "o2"), "--max-steps", "2", "--height", "48"]) == 2
 
 

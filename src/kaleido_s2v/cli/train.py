@@ -49,8 +49,6 @@ FLAG_FIELDS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from kaleido_s2v.rope import REF_ROPE_VARIANTS
-
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 2)[2]
     g = parser.add_argument_group("config (flags override the YAML, the YAML overrides the recipe)")
@@ -86,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and scale")
     g.add_argument("--lora-rank", type=int, help="0 = full fine-tune; >0 = LoRA on attention and FFN projections")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
-    g.add_argument("--ref-rope", choices=list(REF_ROPE_VARIANTS), help="train this R-RoPE variant")
+    g.add_argument("--ref-rope", help="train this R-RoPE variant (shift_hw, shift_h, ..., see `kaleido-s2v info`)")
     g.add_argument("--ref-rope-offset", type=int, help="R-RoPE spatial offset (80)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--mixed-precision", choices=["bf16", "fp32"])
@@ -111,6 +109,12 @@ def config_from_args(args: argparse.Namespace):
         value = getattr(args, dest, None)
         if value is not None:
             setattr(getattr(cfg, section), name, value)
+    if cfg.model.ref_rope is not None:
+        from kaleido_s2v.errors import UserInputError
+        from kaleido_s2v.rope import REF_ROPE_VARIANTS
+
+        if cfg.model.ref_rope not in REF_ROPE_VARIANTS:
+            raise UserInputError(f"--ref-rope {cfg.model.ref_rope!r} is unknown: choose one of {', '.join(REF_ROPE_VARIANTS)}")
     return cfg
 
 
