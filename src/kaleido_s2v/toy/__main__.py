@@ -1,4 +1,4 @@
-"""`python -m kaleido_s2v.toy make-data | make-eval | evaluate`: the procedural S2V world from the command line."""
+"""`python -m kaleido_s2v.toy <command>`: the procedural S2V world and the built-in model's recipe (docs/toy.md)."""
 
 from __future__ import annotations
 
