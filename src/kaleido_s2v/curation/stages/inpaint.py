@@ -64,6 +64,7 @@ class InpaintStage(Stage):
     guidance_scale: float = 30.0  # FLUX.1-Fill-dev card
     num_inference_steps: int = 50
     max_side: int = 1024
+    max_sequence_length: int = 512
     dilate_px: int = 8
     context: float = 0.5
     seed: int = 0
@@ -116,7 +117,7 @@ class InpaintStage(Stage):
             image = self._pipe(prompt=prompt, image=Image.fromarray(frame).resize((W, H), Image.LANCZOS),
                                mask_image=Image.fromarray(mask).resize((W, H), Image.NEAREST), height=H, width=W,
                                guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
-                               generator=gen).images[0]
+                               max_sequence_length=self.max_sequence_length, generator=gen).images[0]
             out = np.asarray(image.convert("RGB").resize((w, h), Image.LANCZOS))
             name = f"inpaint_{i}.png"
             save_png(self.subjects_dir(clip) / name, crop_box(out, grow(det["box"], self.context, w, h)))
