@@ -86,32 +86,6 @@ def cpu_accelerator_shim() -> Iterator[None]:
         torch.accelerator.device_count = original
 
 
-def _all_gather_uneven_padded(tensor: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """`diffusers.hooks.context_parallel._all_gather_anything` for gloo: pad every shard to the largest, gather,
-    trim. Same result; gloo's `all_gather` rejects shards of different sizes (NCCL accepts them)."""
-    import torch.distributed as dist
-    from diffusers.models._modeling_parallel import gather_size_by_comm
-
-    tensor = tensor.contiguous()
-    sizes = gather_size_by_comm(tensor.shape[dim], group)
-    pad_shape = list(tensor.shape)
-    pad_shape[dim] = max(sizes) - tensor.shape[dim]
-    padded = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded, group=group)
-    return torch.cat([g.narrow(dim, 0, n) for g, n in zip(gathered, sizes)], dim=dim)
-
-
-def install_gloo_uneven_gather_shim() -> None:
-    """CPU-only shim: let diffusers' "Ulysses anything" gather uneven shards over gloo (see above).
-
-    Installed for the process by `enable_context_parallel` when the device is the CPU; never on GPUs.
-    """
-    import diffusers.hooks.context_parallel as cp_hooks
-
-    cp_hooks._all_gather_anything = _all_gather_uneven_padded
-
-
 def ensure_context_parallel_backend(transformer) -> str:
     """Switch the transformer's attention to diffusers' "native" (SDPA) backend if the current one cannot do CP."""
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
@@ -138,8 +112,7 @@ def enable_context_parallel(transformer, dist_info: DistInfo) -> None:
 
     ensure_context_parallel_backend(transformer)
     config = ContextParallelConfig(ulysses_degree=dist_info.world_size, ulysses_anything=True)
+    # (the transformer gathers its uneven token shards itself, on any backend)
     on_cpu = dist_info.device.type == "cpu"
-    if on_cpu:
-        install_gloo_uneven_gather_shim()
     with cpu_accelerator_shim() if on_cpu else contextlib.nullcontext():
         transformer.enable_parallelism(config=config)

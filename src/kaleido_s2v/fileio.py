@@ -10,6 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(dst: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `dst`; rename it onto `dst` only if the block succeeds.
@@ -27,6 +33,7 @@ def atomic_path(dst: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pat
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=dst.suffix, dir=dst.parent)
         os.close(fd)
         tmp = Path(name)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
     try:
         yield tmp
         if is_dir:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from .references import ReferenceImage, fit_reference
 
@@ -37,8 +38,8 @@ def pil_to_tensor(images: Sequence) -> torch.Tensor:
 @torch.no_grad()
 def encode_video(vae, video: torch.Tensor) -> torch.Tensor:
     """Pixels (B, 3, F, H, W) in [−1, 1] -> normalised posterior-mean latents (B, z, 1 + (F−1)/4, H/8, W/8)."""
-    param = next(vae.parameters())
-    z = vae.encode(video.to(param.device, param.dtype)).latent_dist.mode()
+    # the execution device, not the weights': under model/group offload the weights sit on the CPU
+    z = vae.encode(video.to(get_module_execution_device(vae), vae.dtype)).latent_dist.mode()
     return normalize_latents(vae, z)
 
 

@@ -23,8 +23,8 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
-from .latents import denormalize_latents, normalize_latents, pil_to_tensor
-from .references import ReferenceImage, fit_reference
+from .latents import denormalize_latents, encode_references
+from .references import ReferenceImage
 from .schedule import OFFICIAL_SHIFT
 from .text import encode_text
 from .transformer import KaleidoTransformer3DModel  # noqa: F401 (from_pretrained finds the class once imported)
@@ -178,13 +178,6 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             return [list(r) for r in reference_images], False
         return [list(reference_images)] * batch_size, True
 
-    def _encode_image(self, image: Image.Image) -> torch.Tensor:
-        """One fitted RGB image -> normalised posterior-mean latent (1, z, 1, h, w): a 1-frame video encode."""
-        pixels = pil_to_tensor([image])[:, :, None]  # (1, 3, 1, H, W) in [-1, 1]
-        # The execution device, not the weights' device: with model/group offload the weights sit on the CPU.
-        pixels = pixels.to(get_module_execution_device(self.vae), self.vae.dtype)
-        return normalize_latents(self.vae, self.vae.encode(pixels).latent_dist.mode())
-
     @torch.no_grad()
     def encode_references(
         self,
@@ -204,7 +197,7 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         per_prompt = reference_images[:1] if shared else reference_images
         latents = torch.stack(
             [
-                torch.cat([self._encode_image(fit_reference(img, height, width)) for img in refs], dim=2)[0]
+                torch.cat(encode_references(self.vae, refs, height, width), dim=2)[0]
                 for refs in per_prompt
             ]
         )  # (B or 1, z, N, h, w)

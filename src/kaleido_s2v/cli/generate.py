@@ -465,7 +465,6 @@ def run(args: argparse.Namespace) -> int:
             from kaleido_s2v.fileio import write_text_atomic
 
             write_text_atomic(sidecar, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-            _apply_umask(case.output, sidecar)
             results.append({"video": str(case.output), "sidecar": str(sidecar), "seed": seed,
                             "seconds": round(seconds, 3), "source": case.source})
             if not args.json and len(cases) == 1:
@@ -480,14 +479,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {len(results)} videos to {cases[0].output.parent}" + (f", skipped {len(skipped)} lines"
               if skipped else ""), file=sys.stderr)
     return 0
-
-
-def _apply_umask(*paths: Path) -> None:
-    """Atomic writes go through mkstemp (mode 0600); give outputs the usual umask-based mode instead."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in paths:
-        os.chmod(p, 0o666 & ~umask)
 
 
 def _broadcast_seed(seed: int, device) -> int:
