@@ -340,9 +340,27 @@ def test_every_stage_in_one_resumable_run(models, clips, tmp_path, monkeypatch):
         "inpaint": {"model": str(tmp_path / "flux"), "num_inference_steps": 1},
         "redux": {"model": str(tmp_path / "flux"), "prior_model": str(tmp_path / "flux"), "size": 32},
     }
+    # every stage's declared contract: reads only declared inputs' presence, writes only declared outputs
+    import kaleido_s2v.curation.runner as runner_mod
+
+    real_apply, seen = runner_mod.apply_stage, set()
+
+    def checked_apply(stage, batch, fp):
+        before = [{k: json.dumps(v, sort_keys=True) for k, v in c.fields.items()} for c in batch]
+        for c in batch:
+            assert set(stage.inputs()) <= set(c.fields), (stage.name, sorted(c.fields))
+        out = real_apply(stage, batch, fp)
+        for c, b in zip(out, before):
+            changed = {k for k, v in c.fields.items() if b.get(k) != json.dumps(v, sort_keys=True)}
+            assert changed <= set(stage.outputs()), (stage.name, changed)
+        seen.add(stage.name)
+        return out
+
+    monkeypatch.setattr(runner_mod, "apply_stage", checked_apply)
     stages = list(STAGES)
     out = tmp_path / "out"
     res = run_pipeline(inp, out, stages, cfg, write_clips=False)
+    assert seen == set(stages) - {"scenes"}
     assert res.summary["kept"] == 2, res.summary
     for c in res.clips:
         assert set(c.stages_done) == set(stages)
