@@ -4,7 +4,8 @@
 
 Each variant runs `kaleido_s2v.training.train` in its own process (so peak RSS is per variant) on the same
 synthetic data from a latent cache (no decoding in the loop); samples/s is the median over the steps after
-the first two. Printed as ratios against the fp32 baseline measured in the same run.
+the first two; activation memory is what autograd saves for backward in one forward (saved-tensor hooks);
+the process peak RSS is printed too. Ratios are against the fp32 baseline measured in the same run.
 
 With a CUDA GPU, `--gpu` instead times one forward+backward of a bf16 KaleidoTransformer3DModel with the 14B
 architecture (`--layers` fewer if it does not fit) with gradient checkpointing: tokens/s and peak memory.
@@ -54,11 +55,43 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    before = _rss_mib()
     train(cfg, progress=False)
     metrics = [json.loads(line) for line in (Path(args.output) / "metrics.jsonl").read_text().splitlines()]
     sps = statistics.median(m["samples_per_s"] for m in metrics[2:])
-    print(json.dumps(dict(samples_per_s=sps, peak_rss_mib=_rss_mib(), train_peak_mib=_rss_mib() - before)))
+    print(json.dumps(dict(samples_per_s=sps, peak_rss_mib=_rss_mib(), activation_mib=saved_activation_mib(cfg))))
+
+
+def saved_activation_mib(cfg) -> float:
+    """MiB of tensors autograd keeps for backward in one training forward (what checkpointing trades for compute).
+
+    Counted with saved-tensor hooks (unique storages), on the same batch shape as the run: deterministic,
+    unlike the process RSS of a shared CPU machine.
+    """
+    import torch
+
+    from kaleido_s2v.training.objective import flow_matching_loss
+    from kaleido_s2v.training.trainer import load_transformer
+
+    model = load_transformer(cfg.model.path).train()
+    if cfg.parallel.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    h, w = cfg.data.height // 8, cfg.data.width // 8
+    t = (cfg.data.num_frames - 1) // 4 + 1
+    b = cfg.run.batch_size
+    x0, noise = torch.randn(b, 16, t, h, w), torch.randn(b, 16, t, h, w)
+    refs = [torch.randn(b, 16, 1, h, w) for _ in range(2)]
+    text = torch.randn(b, cfg.data.max_sequence_length, model.config.text_dim)
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    bf16 = cfg.parallel.mixed_precision == "bf16"
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        loss = flow_matching_loss(model, x0, noise, torch.full((b,), 0.5), text, refs)
+    loss.backward()
+    return sum(seen.values()) / 2**20
 
 
 def prepare(tmp: Path, size: int, frames: int) -> tuple[Path, Path, Path]:
@@ -146,15 +179,18 @@ def main() -> None:
                    "--cache", str(cache), "--output", str(tmp / name.replace(" ", "_").replace("+", "_")),
                    "--steps", str(args.steps), "--size", str(args.size), "--frames", str(args.frames),
                    "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"variant {name} failed:\n{proc.stderr[-3000:]}")
+            out = proc.stdout.strip().splitlines()[-1]
             results[name] = json.loads(out)
     base = results["fp32"]
     print(f"tiny CPU training ({BENCH_MODEL}, {args.size}x{args.size}, {args.frames} frames, 2 refs, batch 2, "
           f"{args.threads} threads)")
-    print(f"{'variant':<22}{'samples/s':>10}{'ratio':>8}{'train peak MiB':>16}{'ratio':>8}{'process peak MiB':>18}")
+    print(f"{'variant':<22}{'samples/s':>10}{'ratio':>8}{'activations MiB':>17}{'ratio':>8}{'process peak MiB':>18}")
     for name, r in results.items():
         print(f"{name:<22}{r['samples_per_s']:>10.2f}{r['samples_per_s'] / base['samples_per_s']:>8.2f}"
-              f"{r['train_peak_mib']:>16.1f}{r['train_peak_mib'] / max(base['train_peak_mib'], 1e-9):>8.2f}"
+              f"{r['activation_mib']:>17.2f}{r['activation_mib'] / base['activation_mib']:>8.2f}"
               f"{r['peak_rss_mib']:>18.1f}")
 
 

@@ -240,10 +240,10 @@ class VideoDataset(torch.utils.data.Dataset):
 class CachedDataset(VideoDataset):
     """Samples from a latent cache: dict(clip_id, latents (C, T, h, w), text (L, D), ref_latents [(C, 1, h, w)])."""
 
-    def __init__(self, samples: list[Sample], cfg, cache_dir: str | os.PathLike):
+    def __init__(self, samples: list[Sample], cfg, cache_dir: str | os.PathLike, model: str | os.PathLike = ""):
         super().__init__(samples, cfg)
         self.cache_dir = Path(cache_dir)
-        check_cache(self.cache_dir, cfg)
+        check_cache(self.cache_dir, cfg, model)
         self.empty_text = torch.load(self.cache_dir / "empty_text.pt", weights_only=True)
 
     def _text(self, states: torch.Tensor) -> torch.Tensor:
@@ -267,17 +267,19 @@ class CachedDataset(VideoDataset):
             item["ref_latents"] = []
 
 
-def _cache_meta(cfg) -> dict:
+def cache_meta(cfg, model: str | os.PathLike = "") -> dict:
+    """What a latent cache depends on: sizes, frame rate, text length and the model folder (VAE, T5)."""
     return dict(version=CACHE_VERSION, height=cfg.height, width=cfg.width, num_frames=cfg.num_frames, fps=cfg.fps,
-                max_sequence_length=cfg.max_sequence_length, max_references=cfg.max_references)
+                max_sequence_length=cfg.max_sequence_length, max_references=cfg.max_references,
+                model=str(Path(model).resolve()) if model else "")
 
 
-def check_cache(cache_dir: Path, cfg) -> None:
+def check_cache(cache_dir: Path, cfg, model: str | os.PathLike = "") -> None:
     meta_path = cache_dir / "cache.json"
     if not meta_path.is_file():
         raise UserInputError(f"latent cache '{cache_dir}' has no cache.json: build it with `kaleido-s2v train --build-cache`")
     meta = json.loads(meta_path.read_text())
-    want = _cache_meta(cfg)
+    want = cache_meta(cfg, model)
     diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if diff:
         raise UserInputError(

@@ -284,7 +284,7 @@ class _Metrics:
 def build_dataset(cfg: TrainConfig):
     samples = discover_samples(cfg.data.path, cfg.data.max_references)
     if cfg.data.cache_dir:
-        return CachedDataset(samples, cfg.data, cfg.data.cache_dir)
+        return CachedDataset(samples, cfg.data, cfg.data.cache_dir, cfg.model.path)
     return VideoDataset(samples, cfg.data)
 
 
@@ -425,7 +425,7 @@ def build_cache(cfg: TrainConfig, *, progress: bool = True) -> dict:
     from ..latents import encode_references, encode_video
     from ..references import load_reference
     from ..text import encode_text
-    from .data import _cache_meta, load_clip, resize_center_crop
+    from .data import cache_meta, load_clip, resize_center_crop
 
     if not cfg.data.cache_dir:
         raise UserInputError("--build-cache needs --cache-dir: the folder to write the latents to")
@@ -470,6 +470,6 @@ def build_cache(cfg: TrainConfig, *, progress: bool = True) -> dict:
         written += 1
     _barrier(rt)
     if rt.is_main:
-        (cache / "cache.json").write_text(json.dumps(_cache_meta(d), indent=2))
+        (cache / "cache.json").write_text(json.dumps(cache_meta(d, cfg.model.path), indent=2))
     return dict(cache_dir=str(cache), written=written, already_cached=skipped, bad=bad, samples=len(samples))
 
