@@ -371,6 +371,25 @@ def test_train_resume_is_exact(tmp_path, tiny_dirs, tiny_cache):
     assert any(not torch.equal(p, q) for p, q in zip(loaded.parameters(), base.parameters()))
 
 
+def test_grad_accumulation_equals_larger_batch(tmp_path, tiny_dirs, tiny_cache):
+    """batch 1 x 2 accumulation steps == batch 2 (same slots, same noise): same losses and weights."""
+    from kaleido_s2v.training.trainer import train
+
+    model, data = tiny_dirs
+    for name, batch, accum in (("b2", 2, 1), ("acc", 1, 2)):
+        cfg = toy_config(model, data, tmp_path / name, max_steps=2, save_every=2, batch_size=batch, grad_accum=accum)
+        cfg.data.cache_dir = str(tiny_cache)
+        train(cfg, progress=False)
+    assert [m["loss"] for m in read_metrics(tmp_path / "acc")] == pytest.approx(
+        [m["loss"] for m in read_metrics(tmp_path / "b2")], rel=1e-5)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "acc" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "b2" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
 def test_lora_round_trip(tmp_path, tiny_dirs):
     """Train LoRA, export, load with KaleidoPipeline.load_lora_weights: equals the base with merged W + B·A."""
     from safetensors.torch import load_file
