@@ -23,8 +23,8 @@ HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 class FaceDetector:
     """Largest frontal face by box area (Haar cascade), with insightface's grey-padding retry."""
 
-    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size_frac: float = 0.05,
-                 pad_frac: float = 0.25, max_side: int = 640):
+    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size_frac: float = 0.08,
+                 pad_frac: float = 0.25, max_side: int = 512):
         try:
             import cv2
         except ImportError as e:

@@ -11,9 +11,9 @@ from ..frames import uniform_indices
 from .base import MetricResult
 
 PARAMS = {"frames": 32, "sampling": "np.linspace(0, T-1, 32).astype(int)",
-          "detector": "OpenCV Haar haarcascade_frontalface_default (scaleFactor 1.1, minNeighbors 5, min size 5% "
-                      "of the short side) on a copy downscaled to longer side <= 640, largest box; retry on a 25% grey-padded "
-                      "image",
+          "detector": "OpenCV Haar haarcascade_frontalface_default (scaleFactor 1.1, minNeighbors 5, min size 8% "
+                      "of the short side) on a copy downscaled to longer side <= 512, largest box; retry on a "
+                      "25% grey-padded image",
           "crop_margin": 0.1, "alignment": "none (box crop resized to the embedder's input)",
           "reference": "first reference marked kind=face, else the first reference in which a face is found",
           "aggregation": "mean over frames with a face of max(0, cos); frames without a face are skipped"}
