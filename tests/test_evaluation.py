@@ -322,3 +322,12 @@ def test_report_renders_in_headless_chromium(small_run, tmp_path):
                    capture_output=True)
     img = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert img.shape == (900, 1200) and img.std() > 10  # something was drawn, not a blank page
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import argparse, sys; from kaleido_s2v.cli import evaluate; "
+            "evaluate.add_arguments(argparse.ArgumentParser()); print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

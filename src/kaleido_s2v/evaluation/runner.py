@@ -6,14 +6,17 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from ..errors import UserInputError
 from .cases import Case
 from .frames import load_case, uniform_indices
-from .models import ModelStore
 from .registry import METRICS
+
+if TYPE_CHECKING:
+    from .models import ModelStore
 
 
 def select_metrics(requested: list[str] | None, configured) -> list[str]:
@@ -59,6 +62,8 @@ def evaluate(cases: list[Case], model_paths: dict[str, str | os.PathLike], outpu
              models: ModelStore | None = None, dtype=None) -> dict:
     """Score every case with every selected metric; write scores.json/.csv and report.html to `output`."""
     import torch
+
+    from .models import ModelStore
 
     t_start = time.perf_counter()
     params = params or {}
