@@ -85,6 +85,52 @@ def load_transformer(model_dir, ref_rope: str | None = None, ref_rope_offset: in
     return KaleidoTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=torch.float32, **overrides)
 
 
+def build_model(cfg: TrainConfig, rt: Runtime):
+    """(transformer, peft LoraConfig or None, full state dict on rank 0 under torchrun else None).
+
+    One process: the loaded model. Under torchrun only rank 0 reads the weights (and initialises LoRA); every
+    rank builds the model on the meta device, and `materialize_from_rank0` fills each rank's shards after
+    `fully_shard` — so host memory holds one full copy per node's rank 0, not one per process.
+    """
+    from ..transformer import KaleidoTransformer3DModel
+    from .lora import add_lora
+
+    def with_lora(model):
+        if cfg.lora.rank > 0:
+            return add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+        return None
+
+    if not rt.dims.distributed:
+        model = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
+        return model, with_lora(model), None
+    full_state = None
+    if rt.is_main:
+        loaded = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
+        with_lora(loaded)
+        full_state = loaded.state_dict()
+        config = dict(loaded.config)
+        del loaded
+    else:
+        config = dict(KaleidoTransformer3DModel.load_config(check_model_dir(cfg.model.path), subfolder="transformer"))
+        if cfg.model.ref_rope is not None:
+            config["ref_rope"] = cfg.model.ref_rope
+        if cfg.model.ref_rope_offset is not None:
+            config["ref_rope_offset"] = cfg.model.ref_rope_offset
+    with torch.device("meta"):
+        model = KaleidoTransformer3DModel.from_config(config)
+    return model, with_lora(model), full_state
+
+
+def materialize_from_rank0(model, full_state: dict | None, device) -> None:
+    """Allocate the (sharded, meta) parameters on `device` and broadcast rank 0's weights into them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    set_model_state_dict(
+        model, full_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+
+
 @torch.no_grad()
 def encode_batch(items: list[dict], frozen: dict, cfg: TrainConfig, device) -> list[dict]:
     """Pixels/captions/reference images -> latents, text states and one latent frame per reference."""
@@ -310,15 +356,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     )
 
     # model: LoRA first (peft wraps Linear layers), then checkpointing, context parallel, FSDP
-    model = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
-    peft_config = None
-    if cfg.lora.rank > 0:
-        from .lora import add_lora
-
-        peft_config = add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+    model, peft_config, full_state = build_model(cfg, rt)
     model.train()
     if not rt.dims.distributed:
-        model.to(rt.device)  # under FSDP, fully_shard moves only each rank's shards to the device
+        model.to(rt.device)
     if cfg.parallel.gradient_checkpointing:
         apply_activation_checkpointing(model)
     if rt.cp_mesh is not None:
@@ -326,6 +367,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         apply_context_parallel(model, rt.cp_mesh)
     if rt.dims.distributed:
         apply_fsdp(model, rt.world_mesh, cfg.parallel.mixed_precision)
+        materialize_from_rank0(model, full_state, rt.device)
+        del full_state
         # the velocity is a reshaped view; nothing modifies it in place, so FSDP's warning does not apply
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     params = [p for p in model.parameters() if p.requires_grad]
