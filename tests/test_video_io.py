@@ -49,6 +49,13 @@ def test_window_and_max_frames(tmp_path):
     assert [column(f) for f in out] == [2 * int(15 + k * 30 / 16) for k in range(4)]
 
 
+def test_window_start_between_source_frames(tmp_path):
+    # 30 fps frames at i/30; start 0.51 s lies inside frame 15 ([0.5, 0.533)): targets 0.51 + k/16
+    path = write_video(tmp_path / "v.mp4", moving_square(), fps=30)
+    out = read_video(path, fps=16, start_s=0.51, max_frames=5)
+    assert [column(f) for f in out] == [2 * int((0.51 + k / 16) * 30) for k in range(5)]
+
+
 def test_float_frames_and_odd_sizes(tmp_path):
     frames = np.random.default_rng(0).random((3, 33, 47, 3)).astype(np.float32)
     path = write_video(tmp_path / "odd.mp4", frames, fps=16)

@@ -116,7 +116,11 @@ def read_video(
                     return True
             return False
 
-        for t, f in iter_frames(path, start_s, end_s):
+        # decode from a little earlier: the frame covering start_s may begin before it
+        for t, f in iter_frames(path, max(0.0, start_s - 1.0), end_s):
+            if t < start_s - 1e-6:
+                prev, prev_t = f, t
+                continue
             if prev is not None:
                 gap = t - prev_t
                 if emit_until(t):

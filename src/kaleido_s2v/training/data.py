@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,10 +83,17 @@ def _manifest_samples(manifest: Path, max_references: int) -> list[Sample]:
 
 
 def discover_samples(data: str | os.PathLike, max_references: int = 3) -> list[Sample]:
-    """Samples of a data folder (videos/ labels/ references/), a manifest.jsonl, or a folder holding one."""
+    """Samples of a data folder (videos/ labels/ references/), a manifest.jsonl, or a folder holding one.
+
+    A `kaleido-s2v curate` output folder holds both its per-clip `manifest.jsonl` and the training set's
+    `train_manifest.jsonl`: the latter is the one to train on.
+    """
     path = Path(data)
-    if path.is_dir() and (path / "manifest.jsonl").is_file() and not (path / "videos").is_dir():
-        path = path / "manifest.jsonl"
+    if path.is_dir() and not (path / "videos").is_dir():
+        for name in ("train_manifest.jsonl", "manifest.jsonl"):
+            if (path / name).is_file():
+                path = path / name
+                break
     if path.is_file():
         samples = _manifest_samples(path, max_references)
     elif (path / "videos").is_dir():
@@ -181,8 +187,6 @@ def load_clip(sample: Sample, *, num_frames: int, fps: float, rng: np.random.Gen
     span = num_frames / fps
     slack = max(0.0, end - sample.start_s - span)
     start = sample.start_s + (float(rng.uniform(0.0, slack)) if rng is not None and slack > 0 else 0.0)
-    if info.fps > 0 and start > sample.start_s:  # snap a random start onto a source frame (read_video starts there)
-        start = max(sample.start_s, math.floor(start * info.fps + 1e-6) / info.fps)
     frames = read_video(sample.video, fps=fps, start_s=start, end_s=min(end, start + span + 0.5 / fps),
                         max_frames=num_frames)
     if len(frames) < num_frames:
