@@ -217,7 +217,7 @@ def test_official_release_converts_and_loads(tmp_path, models):
 
 
 def test_pipeline_from_pretrained_loads_converted_folder(tmp_path, models):
-    pipeline = pytest.importorskip("kaleido_s2v.pipeline")
+    from kaleido_s2v import pipeline
     src = write_release(tmp_path / "rel", models)
     assert main(["convert", "--src", str(src), "--dst", str(tmp_path / "out"), "--quiet"]) == 0
     pipe = pipeline.KaleidoPipeline.from_pretrained(tmp_path / "out")
@@ -501,7 +501,7 @@ def test_sentencepiece_tokenizer_folder(tmp_path):
 def test_pipeline_generates_from_official_folder_like_the_original_models(tmp_path, models, monkeypatch):
     """`KaleidoPipeline.from_pretrained(<official folder>, auto_convert=True)` converts into the cache and then
     generates exactly what a pipeline assembled from the original (bf16-rounded) modules generates."""
-    pipeline = pytest.importorskip("kaleido_s2v.pipeline")
+    from kaleido_s2v import pipeline
     from PIL import Image
 
     from kaleido_s2v.tiny import tiny_scheduler
