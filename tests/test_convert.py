@@ -501,9 +501,9 @@ def test_sentencepiece_tokenizer_folder(tmp_path):
 def test_pipeline_generates_from_official_folder_like_the_original_models(tmp_path, models, monkeypatch):
     """`KaleidoPipeline.from_pretrained(<official folder>, auto_convert=True)` converts into the cache and then
     generates exactly what a pipeline assembled from the original (bf16-rounded) modules generates."""
-    from kaleido_s2v import pipeline
     from PIL import Image
 
+    from kaleido_s2v import pipeline
     from kaleido_s2v.tiny import tiny_scheduler
 
     monkeypatch.setenv("KALEIDO_S2V_CACHE", str(tmp_path / "cache"))
