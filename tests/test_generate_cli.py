@@ -21,14 +21,6 @@ from kaleido_s2v.video_io import read_video
 SMALL = ["--height", "32", "--width", "48", "--frames", "5", "--steps", "2", "--max-sequence-length", "32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from kaleido_s2v.pipeline import KaleidoPipeline
