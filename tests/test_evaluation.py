@@ -24,14 +24,6 @@ ALL = list(METRICS)
 DETECT_ALL = {"box_threshold": 0.0, "text_threshold": 0.0, "mask_min_iou": -1.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread hand-off costs more than the maths
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model_paths(tmp_path_factory):
     return save_tiny_models(tmp_path_factory.mktemp("models"))

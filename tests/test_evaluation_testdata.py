@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from kaleido_s2v.cli import main
@@ -16,14 +15,6 @@ pytestmark = pytest.mark.testdata
 LABELS = {"case1": ["man"], "case2": ["toy"], "case3": ["fox", "penguin"], "case4": ["toy", "woman"],
           "case5": ["man", "woman"], "case6": ["hat", "woman"], "case7": ["scarf", "woman", "wand"],
           "case9": ["toy", "toy", "toy"], "case10": ["shirt", "skirt", "woman"]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _official_prompts(examples_dir):
