@@ -71,8 +71,19 @@ def _readable(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def _finite(obj):
+    """JSON has no NaN/inf: non-finite floats become null (recursively)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, scores: dict) -> None:
-    write_text_atomic(path, json.dumps(scores, indent=2, allow_nan=False, default=str) + "\n")
+    write_text_atomic(path, json.dumps(_finite(scores), indent=2, allow_nan=False, default=str) + "\n")
     _readable(path)
 
 
