@@ -8,7 +8,6 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +63,6 @@ def bar_chart_svg(title: str, values: dict[str, float | None], width: int = 420)
     return "".join(parts)
 
 
-def _readable(path: Path) -> None:
-    """Give the file the permissions a plain open() would (temp files are created 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _finite(obj):
     """JSON has no NaN/inf: non-finite floats become null (recursively)."""
     if isinstance(obj, float):
@@ -84,7 +76,6 @@ def _finite(obj):
 
 def write_json(path: Path, scores: dict) -> None:
     write_text_atomic(path, json.dumps(_finite(scores), indent=2, allow_nan=False, default=str) + "\n")
-    _readable(path)
 
 
 def write_csv(path: Path, scores: dict) -> None:
@@ -95,7 +86,6 @@ def write_csv(path: Path, scores: dict) -> None:
         for cid, row in scores["per_case"].items():
             w.writerow([cid, *("" if row.get(m) is None else f"{row[m]:.6f}" for m in metrics)])
         w.writerow(["mean", *("" if scores["mean"][m] is None else f"{scores['mean'][m]:.6f}" for m in metrics)])
-    _readable(path)
 
 
 def write_html(path: Path, scores: dict, thumbs: dict[str, dict]) -> None:
@@ -133,4 +123,3 @@ def write_html(path: Path, scores: dict, thumbs: dict[str, dict]) -> None:
     out.append(html.escape(json.dumps({m: scores["metrics"][m]["params"] for m in metrics}, indent=1, default=str)))
     out.append("</pre></body></html>\n")
     write_text_atomic(path, "".join(out))
-    _readable(path)
