@@ -469,7 +469,6 @@ def test_non_finite_step_is_skipped(tmp_path, tiny_dirs, tiny_cache):
     assert all(torch.equal(got[k], base[k]) for k in base)
 
 
-@pytest.mark.slow
 def test_loss_falls_on_real_clips(examples_dir, tmp_path, tiny_dirs):
     """The tiny model fits case1/3/7 (1, 2 and 3 references) at 64x64: the loss falls clearly within 80 steps."""
     from kaleido_s2v.training.trainer import build_cache, train
