@@ -8,26 +8,29 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test test-all install lint bench
+.PHONY: demo test test-all install install-test lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 install: $(BIN)/python
+	$(BIN)/pip install -q $(TORCH) -e .
+
+install-test: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) -e ".[test]"
 
 demo: install
 	$(BIN)/kaleido-s2v generate --prompt "the red striped circle moves to the left while the blue square bounces" \
 		--steps 8 --seed 0 -o demo.mp4
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q
 
-test-all: install
+test-all: install-test
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check .
 
 bench: install
