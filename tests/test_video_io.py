@@ -105,3 +105,22 @@ def test_reads_the_official_outputs(examples_dir):
     assert info.fps == pytest.approx(16)
     frames = read_video(path, fps=16, max_frames=5)
     assert frames.shape == (5, 512, 896, 3) and frames.dtype == np.uint8
+
+
+def test_read_mapping(tmp_path):
+    from kaleido_s2v.fileio import read_mapping
+
+    (tmp_path / "a.yaml").write_text("clip: /models/clip\n")
+    (tmp_path / "b.json").write_text('{"dino": "/models/dino"}')
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "bad.yaml").write_text("a: [unclosed\n")
+    assert read_mapping(tmp_path / "a.yaml", "models file", "roles") == {"clip": "/models/clip"}
+    assert read_mapping(tmp_path / "b.json", "models file", "roles") == {"dino": "/models/dino"}
+    assert read_mapping(tmp_path / "empty.yaml", "config", "sections") == {}
+    with pytest.raises(UserInputError, match=r"config '.*list.yaml' must be a mapping of sections"):
+        read_mapping(tmp_path / "list.yaml", "config", "sections")
+    with pytest.raises(UserInputError, match="cannot be parsed"):
+        read_mapping(tmp_path / "bad.yaml", "config", "sections")
+    with pytest.raises(UserInputError, match="does not exist"):
+        read_mapping(tmp_path / "missing.yaml", "config", "sections")

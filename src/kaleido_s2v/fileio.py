@@ -58,3 +58,27 @@ def atomic_path(dst: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pat
 def write_text_atomic(dst: str | os.PathLike, text: str) -> None:
     with atomic_path(dst) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_mapping(path: str | os.PathLike, what: str, shape: str) -> dict:
+    """A YAML or JSON file (YAML parses JSON too) holding a mapping; {} for an empty file.
+
+    `what` names the input in errors ("config 'x.yaml'"), `shape` says what the mapping should hold.
+    Anything else is a `UserInputError` naming the file and the fix.
+    """
+    import yaml
+
+    from .errors import UserInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{what} '{path}' does not exist: check the path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{what} '{path}' cannot be parsed ({type(e).__name__}): write YAML or JSON") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"{what} '{path}' must be a mapping of {shape}")
+    return data

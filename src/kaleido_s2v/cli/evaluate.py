@@ -41,21 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _read_params(value: str | None) -> dict:
     if not value:
         return {}
-    path = Path(value)
-    try:
-        if path.is_file():
-            text = path.read_text(encoding="utf-8")
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
+    from kaleido_s2v.fileio import read_mapping
 
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        else:
+    if Path(value).is_file():
+        data = read_mapping(value, "--params file", "metric names (or 's2v') to parameters")
+    else:
+        try:
             data = json.loads(value)
-    except Exception as e:
-        raise UserInputError(f"--params '{value}' is neither a JSON object nor a readable JSON/YAML file "
-                             f"({type(e).__name__})") from e
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"--params '{value}' is neither a JSON object nor a readable JSON/YAML file") from e
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise UserInputError("--params must map metric names (or 's2v') to objects of parameters")
     return data

@@ -14,11 +14,11 @@ Unknown stages or fields and values of the wrong type raise `UserInputError` nam
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
+from ..fileio import read_mapping
 from .stage import Stage
 from .stages import STAGES, stage_class
 
@@ -29,21 +29,7 @@ def load_config(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"config '{path}' does not exist: check --config")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:
-        raise UserInputError(f"config '{path}' cannot be parsed ({type(e).__name__}): write valid YAML or JSON") from e
-    data = data or {}
-    if not isinstance(data, dict):
-        raise UserInputError(f"config '{path}' must be a mapping of stage name -> settings")
+    data = read_mapping(path, "config", "stage name -> settings")
     for name, section in data.items():
         if name not in STAGES:
             raise UserInputError(f"config '{path}': unknown stage '{name}': use one of {', '.join(STAGES)}")

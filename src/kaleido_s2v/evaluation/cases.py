@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserInputError
+from ..fileio import read_mapping
 from .registry import ROLES
 
 REFERENCE_KINDS = ("subject", "face", "scene")
@@ -99,22 +100,7 @@ def read_models(models_file: str | os.PathLike | None) -> dict[str, Path]:
     if models_file is None:
         return {}
     models_file = Path(models_file)
-    if not models_file.is_file():
-        raise UserInputError(f"models file '{models_file}' does not exist: give a YAML/JSON role -> folder map")
-    text = models_file.read_text(encoding="utf-8")
-    try:
-        if models_file.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:
-        raise UserInputError(f"models file '{models_file}' cannot be parsed ({type(e).__name__}): "
-                             f"write `role: /path/to/folder` lines") from e
-    data = data or {}
-    if not isinstance(data, dict):
-        raise UserInputError(f"models file '{models_file}' must map roles to folders, e.g. `clip: /models/clip`")
+    data = read_mapping(models_file, "models file", "roles to folders, e.g. `clip: /models/clip`")
     out = {}
     for role, folder in data.items():
         if role not in ROLES:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
@@ -163,17 +162,9 @@ def config_from_dict(values: dict[str, Any], base: TrainConfig | None = None) ->
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
     """Read a YAML config; an optional top-level `recipe: NAME` is the base the file's values override."""
-    import yaml
+    from ..fileio import read_mapping
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"config '{path}' does not exist: check the --config path")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserInputError(f"config '{path}' is not valid YAML ({e.__class__.__name__}): fix the file") from e
-    if not isinstance(values, dict):
-        raise UserInputError(f"config '{path}' must be a mapping of sections (model, data, optim, ...)")
+    values = read_mapping(path, "config", "sections (model, data, optim, ...)")
     base = recipe(values["recipe"]) if "recipe" in values else None
     return config_from_dict(values, base)
 
