@@ -124,3 +124,13 @@ def test_read_mapping(tmp_path):
         read_mapping(tmp_path / "bad.yaml", "config", "sections")
     with pytest.raises(UserInputError, match="does not exist"):
         read_mapping(tmp_path / "missing.yaml", "config", "sections")
+
+
+def test_write_video_streams_an_iterable(tmp_path):
+    video = moving_square()
+    from_array = read_video(write_video(tmp_path / "a.mp4", video, fps=30))
+    from_generator = read_video(write_video(tmp_path / "g.mp4", (f for f in video), fps=30))
+    assert np.array_equal(from_array, from_generator)
+    with pytest.raises(ValueError, match="no frames"):
+        write_video(tmp_path / "empty.mp4", iter(()), fps=30)
+    assert not (tmp_path / "empty.mp4").exists() and len(list(tmp_path.iterdir())) == 2

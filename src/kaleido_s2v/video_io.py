@@ -5,6 +5,7 @@ Decoding streams frame by frame; `read_video` collects only the frames asked for
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,6 +83,33 @@ def iter_frames(path: str | os.PathLike, start_s: float = 0.0, end_s: float | No
         container.close()
 
 
+def iter_resampled(
+    path: str | os.PathLike, fps: float, start_s: float = 0.0, end_s: float | None = None
+) -> Iterator[np.ndarray]:
+    """Yield frames at exactly `fps`, streaming: target time start_s + k/fps takes the frame covering it.
+
+    Frame i covers [t_i, t_{i+1}); the last one covers one more frame gap. Whatever the source rate — the
+    official dataset's integer-step bug is not repeated here.
+    """
+    step = 1.0 / fps
+    k = 0
+    prev = prev_t = None
+    gap = step
+    # decode from a little earlier: the frame covering start_s may begin before it
+    for t, f in iter_frames(path, max(0.0, start_s - 1.0), end_s):
+        if t >= start_s - 1e-6 and prev is not None:
+            gap = t - prev_t
+            while start_s + k * step < t - 1e-6:
+                yield prev
+                k += 1
+        prev, prev_t = f, t
+    if prev is not None:
+        end = prev_t + gap if end_s is None else min(prev_t + gap, end_s)
+        while start_s + k * step < end - 1e-6 or k == 0:
+            yield prev
+            k += 1
+
+
 def read_video(
     path: str | os.PathLike,
     *,
@@ -90,81 +118,53 @@ def read_video(
     end_s: float | None = None,
     max_frames: int | None = None,
 ) -> np.ndarray:
-    """Decode frames as (F, H, W, 3) uint8.
-
-    With `fps`, frames are resampled to exactly that rate by timestamp (nearest earlier source frame for
-    each target time k/fps), whatever the source rate: the official dataset's integer-step bug is not
-    repeated here.
-    """
-    frames: list[np.ndarray] = []
+    """Decode frames as (F, H, W, 3) uint8; with `fps`, resampled to exactly that rate (`iter_resampled`)."""
     if fps is None:
-        for _, f in iter_frames(path, start_s, end_s):
-            frames.append(f)
-            if max_frames is not None and len(frames) >= max_frames:
-                break
+        frames = (f for _, f in iter_frames(path, start_s, end_s))
     else:
-        # Frame i covers [t_i, t_{i+1}); the last one covers one more frame gap. Target time
-        # start_s + k/fps takes the frame covering it.
-        step = 1.0 / fps
-        prev = prev_t = None
-        gap = step
-
-        def emit_until(limit: float) -> bool:
-            while start_s + len(frames) * step < limit - 1e-6:
-                frames.append(prev)
-                if max_frames is not None and len(frames) >= max_frames:
-                    return True
-            return False
-
-        # decode from a little earlier: the frame covering start_s may begin before it
-        for t, f in iter_frames(path, max(0.0, start_s - 1.0), end_s):
-            if t < start_s - 1e-6:
-                prev, prev_t = f, t
-                continue
-            if prev is not None:
-                gap = t - prev_t
-                if emit_until(t):
-                    return np.stack(frames)
-            prev, prev_t = f, t
-        if prev is not None:
-            end = prev_t + gap if end_s is None else min(prev_t + gap, end_s)
-            if not emit_until(end) and not frames:
-                frames.append(prev)
-    if not frames:
+        frames = iter_resampled(path, fps, start_s, end_s)
+    collected = list(itertools.islice(frames, max_frames))
+    if not collected:
         raise UserInputError(f"video '{path}' has no frames in [{start_s}, {end_s}) s: check the file or the window")
-    return np.stack(frames)
+    return np.stack(collected)
 
 
-def _to_uint8(frames) -> np.ndarray:
-    arr = np.asarray(frames)
-    if arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"frames must have shape (F, H, W, 3), got {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return arr
+def _frame_uint8(frame) -> np.ndarray:
+    f = np.asarray(frame)
+    if f.ndim != 3 or f.shape[-1] != 3:
+        raise ValueError(f"each frame must have shape (H, W, 3), got {f.shape}")
+    if f.dtype != np.uint8:
+        f = (np.clip(f.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return f
 
 
 def write_video(path: str | os.PathLike, frames, fps: float = 16, *, crf: int = 18) -> Path:
-    """Write (F, H, W, 3) frames (uint8, or floats in [0, 1]) as H.264 mp4, atomically.
+    """Write frames as H.264 mp4, atomically: an (F, H, W, 3) array, or any iterable of (H, W, 3) frames
+    (encoded as they come, one frame in memory at a time). uint8, or floats in [0, 1].
 
     Odd sizes are padded by one edge pixel (yuv420p needs even sizes).
     """
     import av
 
-    arr = _to_uint8(frames)
-    pad_h, pad_w = arr.shape[1] % 2, arr.shape[2] % 2
-    if pad_h or pad_w:
-        arr = np.pad(arr, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    if hasattr(frames, "shape") and len(frames.shape) != 4:
+        raise ValueError(f"frames must have shape (F, H, W, 3), got {tuple(frames.shape)}")
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with av.open(str(tmp), mode="w") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height = arr.shape[2], arr.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for f in arr:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w") as container:
+        stream = None
+        for frame in frames:
+            f = _frame_uint8(frame)
+            pad_h, pad_w = f.shape[0] % 2, f.shape[1] % 2
+            if pad_h or pad_w:
+                f = np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+            if stream is None:
+                stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+                stream.width, stream.height = f.shape[1], f.shape[0]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(crf)}
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
                 container.mux(packet)
+        if stream is None:
+            raise ValueError(f"no frames to write to {path}")
+        for packet in stream.encode():
+            container.mux(packet)
     return path

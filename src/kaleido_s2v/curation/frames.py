@@ -54,47 +54,27 @@ def stream_clip(source: str, start_s: float, end_s: float, dst, fps: float | Non
                 crf: int = 18) -> int:
     """Cut [start_s, end_s) of `source` into an H.264 mp4 at `dst`, one frame in memory at a time, atomically.
 
-    `video_io.write_video` needs the whole clip as an array; clips can be long, so this encodes while decoding
-    (same codec settings). With `fps`, frames are resampled by timestamp (the latest frame at or before each
-    k/fps), as `video_io.read_video(fps=...)` does. Returns the number of frames written.
+    With `fps`, frames are resampled by timestamp exactly as `video_io.read_video(fps=...)` does; otherwise the
+    native frames are kept (written at `native_fps`). Returns the number of frames written.
     """
-    from fractions import Fraction
+    from ..video_io import iter_frames, iter_resampled, write_video
 
-    import av
-
-    from ..fileio import atomic_path
-
-    rate = fps or native_fps
+    if fps is None:
+        frames = (f for _, f in iter_frames(source, start_s, end_s))
+    else:
+        frames = iter_resampled(source, fps, start_s, end_s)
     n = 0
-    with atomic_path(dst) as tmp:
-        with av.open(str(tmp), mode="w") as container:
-            stream = None
 
-            def emit(frame: np.ndarray) -> None:
-                nonlocal stream, n
-                if stream is None:
-                    stream = container.add_stream("libx264", rate=Fraction(rate).limit_denominator(1001))
-                    stream.width, stream.height = frame.shape[1] // 2 * 2, frame.shape[0] // 2 * 2
-                    stream.pix_fmt = "yuv420p"
-                    stream.options = {"crf": str(crf)}
-                f = np.ascontiguousarray(frame[: stream.height, : stream.width])
-                for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                    container.mux(packet)
-                n += 1
+    def counted():
+        nonlocal n
+        for f in frames:
+            n += 1
+            yield f
 
-            last = None
-            for t, frame in iter_frames(source, start_s, end_s):
-                if fps is None:
-                    emit(frame)
-                    continue
-                while last is not None and start_s + n / fps < t - 1e-6:
-                    emit(last)
-                last = frame
-            if fps is not None and last is not None:
-                while start_s + n / fps < end_s - 1e-6:
-                    emit(last)
-            if stream is None:
-                raise ValueError(f"no frames in [{start_s}, {end_s}) of {source}")
-            for packet in stream.encode():
-                container.mux(packet)
+    try:
+        write_video(dst, counted(), fps=fps or native_fps, crf=crf)
+    except ValueError as e:
+        if n == 0:
+            raise ValueError(f"no frames in [{start_s}, {end_s}) of {source}") from e
+        raise
     return n
