@@ -7,6 +7,16 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
+
+def library_versions() -> dict[str, str]:
+    """Versions of this package and the libraries its results depend on (recorded in sidecars and reports)."""
+    import diffusers
+    import torch
+    import transformers
+
+    return {"kaleido_s2v": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
 # public name -> module that defines it
 _EXPORTS = {
     "KaleidoTransformer3DModel": "kaleido_s2v.transformer",
@@ -30,7 +40,7 @@ _EXPORTS = {
     "UserInputError": "kaleido_s2v.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted(_EXPORTS) + ["__version__", "library_versions"]
 
 
 def __getattr__(name):

@@ -277,17 +277,6 @@ def _torch_dtype(name: str, device):
     return getattr(torch, DTYPES[name])
 
 
-def _versions() -> dict[str, str]:
-    import diffusers
-    import torch
-    import transformers
-
-    from kaleido_s2v import __version__
-
-    return {"kaleido_s2v": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__}
-
-
 # ---------------------------------------------------------------------------------------------------- run
 def _build_cases(args, builtin: bool) -> tuple[list[Case], list[str]]:
     """All cases, validated; bad batch lines raise (or are skipped with --keep-going, returned as messages)."""
@@ -414,7 +403,9 @@ def run(args: argparse.Namespace) -> int:
 
     # 4. Generate
     results = []
-    versions = _versions()
+    from kaleido_s2v import library_versions
+
+    versions = library_versions()
     memory = {k: getattr(args, k) for k in ("cpu_offload", "group_offload", "vae_tiling", "layerwise_fp8")}
     bar = tqdm(cases, desc="videos", unit="video", disable=not writes or len(cases) < 2)
     ok = False

@@ -12,19 +12,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import diffusers
     import torch
-    import transformers
 
-    from kaleido_s2v import __version__
+    from kaleido_s2v import library_versions
     from kaleido_s2v.rope import REF_ROPE_VARIANTS
 
     info = {
-        "kaleido_s2v": __version__,
+        **library_versions(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_threads": torch.get_num_threads(),

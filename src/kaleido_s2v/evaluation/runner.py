@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
+from .. import library_versions
 from ..errors import UserInputError
 from .cases import Case
 from .frames import load_case, uniform_indices
@@ -143,7 +144,7 @@ def evaluate(cases: list[Case], model_paths: dict[str, str | os.PathLike], outpu
         "run": {"device": str(models.device), "dtype": str(models.dtype).replace("torch.", ""),
                 "batch_size": batch_size, "cases": len(cases), "seconds": elapsed, "seconds_per_case": elapsed / max(1, len(cases)),
                 "decode_seconds": decode_seconds, "model_load_seconds": models.load_seconds,
-                "versions": _versions()},
+                "versions": library_versions()},
     }
     if output is not None:
         from .report import write_csv, write_html, write_json
@@ -154,12 +155,3 @@ def evaluate(cases: list[Case], model_paths: dict[str, str | os.PathLike], outpu
         write_csv(out / "scores.csv", scores)
         write_html(out / "report.html", scores, thumbs)
     return scores
-
-
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {"kaleido_s2v": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
