@@ -142,3 +142,14 @@ def test_sam2_folder_without_torchvision_is_a_user_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "sam2"}))
     with pytest.raises(UserInputError, match="torchvision"):
         SAM(tmp_path)
+
+
+def test_resolve_dtype_names_and_auto():
+    import torch
+
+    from kaleido_s2v.vision.common import resolve_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu) is torch.float32 and resolve_dtype("auto", cuda) is torch.bfloat16
+    assert resolve_dtype("bf16", cpu) is resolve_dtype("bfloat16", cpu) is torch.bfloat16
+    assert resolve_dtype("fp16", cpu) is torch.float16 and resolve_dtype("float32", cuda) is torch.float32

@@ -23,7 +23,7 @@ PROG = "kaleido-s2v generate"
 # The release's sampling settings (reference/kaleido-official.md §3).
 OFFICIAL_DEFAULTS = dict(height=512, width=896, num_frames=81, num_inference_steps=50, guidance_scale=6.0, fps=16)
 PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_REFERENCE = "builtin:default-reference"
 
 
@@ -269,14 +269,6 @@ def apply_memory_options(pipe, device, *, cpu_offload=False, group_offload=False
         pipe.to(device)
 
 
-def _torch_dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, DTYPES[name])
-
-
 # ---------------------------------------------------------------------------------------------------- run
 def _build_cases(args, builtin: bool) -> tuple[list[Case], list[str]]:
     """All cases, validated; bad batch lines raise (or are skipped with --keep-going, returned as messages)."""
@@ -384,7 +376,9 @@ def run(args: argparse.Namespace) -> int:
         cases = cases[dist_info.rank :: dist_info.world_size]
     writes = split_cases or dist_info.is_main
 
-    dtype = _torch_dtype(args.dtype, device)
+    from kaleido_s2v.vision.common import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, device)
     if builtin:
         from kaleido_s2v.builtin import load_builtin_pipeline
 

@@ -49,15 +49,13 @@ class CaptionStage(Stage):
     def setup(self) -> None:
         if getattr(self, "_model", None) is not None:
             return
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from ...vision.common import load_folder_check, resolve_device
+        from ...vision.common import load_folder_check, resolve_device, resolve_dtype
 
         path = load_folder_check(self.model, "caption.model")
         self._device = resolve_device(self.device)
-        dtype = {"auto": torch.bfloat16 if self._device.type == "cuda" else torch.float32, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        dtype = resolve_dtype(self.dtype, self._device)
         self._processor = AutoProcessor.from_pretrained(path)
         self._processor.tokenizer.padding_side = "left"  # batched generation
         self._model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(self._device).eval()

@@ -45,14 +45,6 @@ def grow(box, frac: float, w: int, h: int) -> list[float]:
     return [max(0.0, x0 - dx), max(0.0, y0 - dy), min(float(w), x1 + dx), min(float(h), y1 + dy)]
 
 
-def torch_dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 @dataclass
 class InpaintStage(Stage):
     name = "inpaint"
@@ -85,10 +77,10 @@ class InpaintStage(Stage):
             return
         from diffusers import FluxFillPipeline
 
-        from ...vision.common import resolve_device
+        from ...vision.common import resolve_device, resolve_dtype
 
         self._device = resolve_device(self.device)
-        self._pipe = FluxFillPipeline.from_pretrained(self.model, torch_dtype=torch_dtype(self.dtype, self._device))
+        self._pipe = FluxFillPipeline.from_pretrained(self.model, torch_dtype=resolve_dtype(self.dtype, self._device))
         self._pipe.to(self._device)
         self._pipe.set_progress_bar_config(disable=True)
 

@@ -17,7 +17,7 @@ from ...errors import UserInputError
 from ..stage import Stage
 from ..tasks import Clip
 from .ground import save_png
-from .inpaint import fit16, torch_dtype
+from .inpaint import fit16
 
 
 @dataclass
@@ -51,10 +51,10 @@ class ReduxStage(Stage):
             return
         from diffusers import FluxPipeline, FluxPriorReduxPipeline
 
-        from ...vision.common import resolve_device
+        from ...vision.common import resolve_device, resolve_dtype
 
         self._device = resolve_device(self.device)
-        dtype = torch_dtype(self.dtype, self._device)
+        dtype = resolve_dtype(self.dtype, self._device)
         self._prior = FluxPriorReduxPipeline.from_pretrained(self.prior_model, torch_dtype=dtype).to(self._device)
         self._pipe = FluxPipeline.from_pretrained(self.model, text_encoder=None, text_encoder_2=None, tokenizer=None,
                                                   tokenizer_2=None, torch_dtype=dtype).to(self._device)
