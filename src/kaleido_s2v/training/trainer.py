@@ -466,9 +466,8 @@ def build_cache(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     from ..fileio import atomic_path
     from ..latents import encode_references, encode_video
-    from ..references import load_reference
     from ..text import encode_text
-    from .data import cache_meta, load_clip, resize_center_crop
+    from .data import VideoDataset, cache_meta
 
     if not cfg.data.cache_dir:
         raise UserInputError("--build-cache needs --cache-dir: the folder to write the latents to")
@@ -489,20 +488,20 @@ def build_cache(cfg: TrainConfig, *, progress: bool = True) -> dict:
         with atomic_path(cache / "empty_text.pt") as tmp:
             torch.save(text_states(""), tmp)
     written, skipped, bad = 0, 0, []
-    mine = samples[rt.rank :: rt.dims.world_size]
-    for s in tqdm(mine, desc="cache", disable=not (progress and rt.is_main)):
+    mine = VideoDataset(samples[rt.rank :: rt.dims.world_size], d)
+    for i, s in enumerate(tqdm(mine.samples, desc="cache", disable=not (progress and rt.is_main))):
         dst = cache / f"{s.clip_id}.pt"
         if dst.is_file():
             skipped += 1
             continue
         try:
-            frames = load_clip(s, num_frames=d.num_frames, fps=d.fps, rng=None)
-            refs = [load_reference(p, f"sample {s.clip_id} reference") for p in s.references]
-            pixels = resize_center_crop(frames, d.height, d.width)[None].to(rt.device)
+            item = mine.load(i, rng=None)  # the first window, no dropout
             entry = dict(
-                latents=encode_video(frozen["vae"], pixels)[0].cpu(),
-                text=text_states(s.caption),
-                ref_latents=[r[0].cpu() for r in encode_references(frozen["vae"], refs, d.height, d.width)],
+                latents=encode_video(frozen["vae"], item["pixels"][None].to(rt.device))[0].cpu(),
+                text=text_states(item["caption"]),
+                ref_latents=[
+                    r[0].cpu() for r in encode_references(frozen["vae"], item["references"], d.height, d.width)
+                ],
             )
         except Exception as e:  # bad sample: log and go on
             logger.warning("cache: skipping sample %s: %s", s.clip_id, e)
