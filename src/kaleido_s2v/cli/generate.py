@@ -210,12 +210,8 @@ def _resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False) -> P
     if not root.is_dir():
         raise UserInputError(f"--model '{root}' is a file: give a diffusers-format Kaleido folder ({expected})")
     if not (root / "model_index.json").is_file():
-        try:
-            from kaleido_s2v.checkpoints import resolve_model_dir
-        except ImportError:
-            resolve_model_dir = None
-        if resolve_model_dir is None:
-            raise UserInputError(f"--model '{root}': no model_index.json; expected a diffusers folder ({expected})")
+        from kaleido_s2v.checkpoints import resolve_model_dir  # official release folders, or a clear error
+
         root = Path(resolve_model_dir(root, auto_convert=auto_convert))
     try:
         index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
