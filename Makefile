@@ -21,8 +21,8 @@ install-test: $(BIN)/python
 	$(BIN)/pip install -q $(TORCH) -e ".[test]"
 
 demo: install
-	$(BIN)/kaleido-s2v generate --prompt "the red striped circle moves to the left while the blue square bounces" \
-		--steps 8 --seed 0 -o demo.mp4
+	$(BIN)/kaleido-s2v generate --prompt "The red striped circle moves to the left while the blue square bounces on a sandy floor." \
+		--ref examples/toy/red_striped_circle.png --ref examples/toy/blue_square.png --seed 0 -o demo.mp4
 
 test: install-test
 	$(BIN)/python -m pytest -q

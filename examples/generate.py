@@ -14,7 +14,7 @@ from kaleido_s2v.builtin import builtin_generation_defaults, default_reference_i
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", help="diffusers-format Kaleido folder (default: the built-in small model)")
 parser.add_argument("--ref", action="append", default=[], help="reference image (repeatable)")
-parser.add_argument("--prompt", default="the red striped disc rolls across the floor")
+parser.add_argument("--prompt", default="The red striped circle moves to the left on a sandy floor.")
 parser.add_argument("--out", default="example.mp4")
 args = parser.parse_args()
 

@@ -98,7 +98,9 @@ def test_builtin_model_needs_no_flags(tmp_path, monkeypatch, capsys):
                         "32", "--frames", "1", "--json", capsys=capsys)
     assert rc == 0
     summary = json.loads(out.out)
-    assert summary["model"] == "builtin:tiny-random" and len(summary["videos"]) == 1
+    from kaleido_s2v.builtin import builtin_model_description
+
+    assert summary["model"] == builtin_model_description() and len(summary["videos"]) == 1
     assert read_video(tmp_path / "output.mp4").shape == (1, 32, 32, 3)
     side = json.loads((tmp_path / "output.json").read_text())
     assert side["references"] == ["builtin:default-reference"]

@@ -18,7 +18,7 @@ def recipe():
     r["transformer"].update(text_dim=16, num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=32)
     r["vae"].update(base_dim=4, dim_mult=[1, 1, 1, 1])
     r["data"].update(size=32, width=32, frames=5)
-    r["vae_training"].update(steps=2, batch_size=1, stats_clips=8)
+    r["vae_training"].update(steps=2, batch_size=1, stats_clips=8, pool_clips=4, save_every=1)
     return r
 
 
@@ -27,6 +27,7 @@ def test_shipped_recipe_is_consistent():
     assert r["text_encoder"]["d_model"] == r["transformer"]["text_dim"]
     assert (r["train"]["data"]["num_frames"] - 1) % 4 == 0 == r["train"]["data"]["height"] % 16
     assert r["generation"]["num_frames"] == r["data"]["frames"] == r["train"]["data"]["num_frames"]
+    assert r["generation"]["max_sequence_length"] == r["train"]["data"]["max_sequence_length"]
     bad = copy.deepcopy(r)
     bad["transformer"]["text_dim"] = 8
     with pytest.raises(UserInputError, match="text_dim"):

@@ -12,15 +12,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_WEIGHTS_DIR = Path(__file__).resolve().parent / "toy" / "weights"
 # Optional file in a model folder: generation defaults (height, width, num_frames, num_inference_steps,
-# guidance_scale, fps) that replace the release's 512×896×81 / 50 steps for models trained at other sizes.
+# guidance_scale, fps, max_sequence_length) that replace the release's 512×896×81 / 50 steps for models trained at other sizes.
 GENERATION_DEFAULTS_FILE = "generation_defaults.json"
-GENERATION_DEFAULT_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps")
+GENERATION_DEFAULT_KEYS = (
+    "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "max_sequence_length"
+)
 # Sizes for the random-weight stand-in: small enough to run in seconds on a laptop CPU.
 TINY_GENERATION_DEFAULTS = dict(height=128, width=224, num_frames=17, num_inference_steps=8, guidance_scale=6.0, fps=16)
 
@@ -77,12 +79,8 @@ def load_builtin_pipeline(torch_dtype=None):
 
 
 def default_reference_image(size: int = 256) -> Image.Image:
-    """A procedural reference for the built-in model: a red disc with blue stripes on white (no file needed)."""
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    m = size // 6
-    draw.ellipse((m, m, size - m, size - m), fill=(220, 40, 40), outline=(0, 0, 0), width=max(1, size // 64))
-    for k in range(3):
-        y = size // 3 + k * size // 8
-        draw.rectangle((size // 4, y, 3 * size // 4, y + size // 24), fill=(40, 60, 200))
-    return img
+    """The built-in model's default reference (no file needed): a red striped circle on white, from its world."""
+    from .toy.scene import Subject
+    from .toy.world import subject_image
+
+    return Image.fromarray(subject_image(Subject("circle", "red", "striped"), size))

@@ -21,7 +21,9 @@ from kaleido_s2v.errors import UserInputError
 
 PROG = "kaleido-s2v generate"
 # The release's sampling settings (reference/kaleido-official.md §3).
-OFFICIAL_DEFAULTS = dict(height=512, width=896, num_frames=81, num_inference_steps=50, guidance_scale=6.0, fps=16)
+OFFICIAL_DEFAULTS = dict(
+    height=512, width=896, num_frames=81, num_inference_steps=50, guidance_scale=6.0, fps=16, max_sequence_length=512
+)
 PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_REFERENCE = "builtin:default-reference"
@@ -62,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--guidance", type=float, help="CFG scale (release: 6)")
     s.add_argument("--seed", type=int, help="random seed (default: random, recorded in the sidecar)")
     s.add_argument("--fps", type=int, help="frame rate of the mp4 (release: 16)")
-    s.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (release: 512)")
+    s.add_argument("--max-sequence-length", type=int, help="text tokens (default: the model's; release: 512)")
 
     d = parser.add_argument_group("device and memory")
     d.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -340,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         num_frames=args.frames or defaults["num_frames"],
         num_inference_steps=args.steps or defaults["num_inference_steps"],
         guidance_scale=args.guidance if args.guidance is not None else defaults["guidance_scale"],
-        max_sequence_length=args.max_sequence_length,
+        max_sequence_length=args.max_sequence_length or defaults["max_sequence_length"],
     )
     fps = args.fps or defaults["fps"]
     if fps < 1:

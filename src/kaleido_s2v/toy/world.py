@@ -245,6 +245,15 @@ def render_reference(
     return _to_uint8(rgb), info
 
 
+def subject_image(subject: Subject, size: int = 128, angle: float = 0.0) -> np.ndarray:
+    """A segment-style reference of one subject: centred on white, filling ~80% of a (size, size, 3) image."""
+    track = Track(subject, "still", x=0.5, y=0.5, size=0.4 / _EXTENT, angle=angle)
+    scene = Scene(height=size, width=size, frames=1, fps=1.0, background=sample_background(np.random.default_rng(0)),
+                  tracks=(track,))
+    rgb, _ = render(scene, 0.0, view=(0.0, 0.0, 1.0, 1.0), background=None)
+    return _to_uint8(rgb)
+
+
 def _bg_dict(bg: Background) -> dict:
     return {"style": bg.style, "colours": [list(c) for c in bg.colours], "seed": bg.seed}
 
