@@ -1,8 +1,8 @@
 """The built-in small model: where its weights live, how to load it, and a default reference image.
 
-The trained small model ships as a diffusers folder in the package (`kaleido_s2v/toy/weights/`). Until it
-does, `load_builtin_pipeline` builds the tiny components of `kaleido_s2v.tiny` (random weights) and warns,
-so the command line and the examples still run end to end.
+The trained small model ships as a diffusers folder in the package (`kaleido_s2v/toy/weights/`, made by the
+recipe in `toy/recipe.yaml`, docs/toy.md). Where the folder is missing, `load_builtin_pipeline` builds the
+tiny components of `kaleido_s2v.tiny` (random weights) and warns, so the command line still runs end to end.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TINY_GENERATION_DEFAULTS = dict(height=128, width=224, num_frames=17, num_infere
 
 
 def builtin_model_dir() -> Path | None:
-    """The shipped diffusers folder of the built-in model, or None when it is not shipped (yet)."""
+    """The shipped diffusers folder of the built-in model, or None when it is missing."""
     return BUILTIN_WEIGHTS_DIR if (BUILTIN_WEIGHTS_DIR / "model_index.json").is_file() else None
 
 
@@ -69,7 +69,7 @@ def load_builtin_pipeline(torch_dtype=None):
     from .tiny import tiny_components
 
     logger.warning(
-        "The built-in model's trained weights are not shipped with this version yet: using tiny RANDOM weights, "
+        f"The built-in model's trained weights are missing ({BUILTIN_WEIGHTS_DIR}): using tiny RANDOM weights, "
         "so the video shows noise-like patterns, not your prompt. Pass --model DIR for a real model."
     )
     pipe = KaleidoPipeline(**tiny_components(seed=0))
