@@ -80,14 +80,6 @@ def _to_pixels(frames: np.ndarray):
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
-def _world_batch(recipe: dict, step: int, batch: int, images: bool):
-    """A batch of clips (B, 3, F, H, W) or of reference images (B, 3, 1, H, W), rendered from the world."""
-    import torch
-
-    clips, refs = _render_pool(recipe, step * batch, batch)
-    return torch.stack([_to_pixels(r[None] if images else c) for c, r in zip(clips, refs)])
-
-
 def _render_pool(recipe: dict, first: int, num: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """`num` clips (F, H, W, 3) and one reference image each (fitted into the frame, as the pipeline does)."""
     from PIL import Image
@@ -145,8 +137,8 @@ def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bo
     """Train the folder's VAE on the toy world (L1 + MSE reconstruction + small KL), then store latent stats.
 
     Training samples are random crops (`crop` px, `frames` frames: 1 + a multiple of the temporal stride) of
-    a pool of rendered clips and reference images: a convolutional VAE learns the same thing from a 32x32x5
-    crop as from the whole 64x64x9 clip, at a sixth of the cost, which is what makes CPU training practical.
+    a pool of rendered clips and reference images: a convolutional VAE learns the same thing from 32x32 crops
+    of 9-frame windows as from whole 64x64 clips, at about a third of the cost (docs/toy.md).
     The folder's `vae/` is rewritten every `save_every` steps, so a long run can be stopped and still used.
     """
     import math
@@ -217,7 +209,7 @@ def latent_stats(vae, recipe: dict, clips: int, device: str = "cpu") -> tuple[li
     zs = []
     with torch.no_grad():
         for k in range(max(1, clips // 8)):
-            x = _world_batch(recipe, 100_000 + k, 8, images=False).to(device)
+            x = torch.stack([_to_pixels(c) for c in _render_pool(recipe, 8 * (100_000 + k), 8)[0]]).to(device)
             zs.append(vae.encode(x).latent_dist.mode().transpose(0, 1).reshape(vae.config.z_dim, -1))
     z = torch.cat(zs, dim=1)
     return [float(v) for v in z.mean(1)], [float(v) for v in z.std(1).clamp_min(1e-3)]
