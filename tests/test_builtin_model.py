@@ -40,7 +40,13 @@ def test_shipped_folder_is_small_and_complete():
     assert vae["latents_mean"] != [0.0] * 16 and min(vae["latents_std"]) > 0  # measured statistics, not defaults
 
 
-def test_builtin_defaults_match_the_training_sizes(pipe):
+def _generate(pipe, prompt, references, seed, **overrides):
+    """One video (F, H, W, 3) in [0, 1] at the model's generation defaults."""
+    d = {k: v for k, v in builtin_generation_defaults().items() if k != "fps"} | overrides
+    return pipe(prompt, references, generator=torch.Generator().manual_seed(seed), output_type="np", **d).frames[0]
+
+
+def test_builtin_defaults_match_the_training_sizes():
     d = builtin_generation_defaults()
     recipe = json.loads((BUILTIN_WEIGHTS_DIR / "toy_recipe.json").read_text())
     t = recipe["train"]["data"]
@@ -51,12 +57,8 @@ def test_builtin_defaults_match_the_training_sizes(pipe):
 
 def test_smoke_generation_with_the_default_reference(pipe):
     d = builtin_generation_defaults()
-    video = pipe(
-        "The red striped circle moves to the left on a sandy floor.", [default_reference_image()],
-        height=d["height"], width=d["width"], num_frames=d["num_frames"], num_inference_steps=4,
-        guidance_scale=d["guidance_scale"], max_sequence_length=d["max_sequence_length"],
-        generator=torch.Generator().manual_seed(0), output_type="np",
-    ).frames[0]
+    video = _generate(pipe, "The red striped circle moves to the left on a sandy floor.", [default_reference_image()], 0,
+                      num_inference_steps=4)
     assert video.shape == (d["num_frames"], d["height"], d["width"], 3) and np.isfinite(video).all()
     assert video.std() > 0.05  # an image, not a flat colour
 
@@ -70,16 +72,10 @@ def test_follows_its_references_better_than_the_shuffled_control(pipe, tmp_path)
     cases = tmp_path / "cases"
     make_eval_cases(cases, 24, seed=97, cfg=WorldConfig(), progress=False)
     records = read_scenes(cases)
-    d = builtin_generation_defaults()
-    videos = []
-    for k, r in enumerate(records):
-        frames = pipe(
-            r["caption"], [cases / ref["path"] for ref in r["references"]], height=d["height"], width=d["width"],
-            num_frames=d["num_frames"], num_inference_steps=d["num_inference_steps"],
-            guidance_scale=d["guidance_scale"], max_sequence_length=d["max_sequence_length"],
-            generator=torch.Generator().manual_seed(k), output_type="np",
-        ).frames[0]
-        videos.append((frames * 255).round().astype(np.uint8))
+    videos = [
+        (_generate(pipe, r["caption"], [cases / ref["path"] for ref in r["references"]], k) * 255).round().astype(np.uint8)
+        for k, r in enumerate(records)
+    ]
     report = evaluate(records, videos)
     matched, control = report["matched"], report["control"]
     assert matched["colour_recall"] >= 0.4, matched
