@@ -16,7 +16,7 @@ def recipe():
     r = copy.deepcopy(load_recipe())
     r["text_encoder"].update(d_model=16, d_kv=4, d_ff=32, num_heads=4)
     r["transformer"].update(text_dim=16, num_layers=1, num_attention_heads=2, attention_head_dim=12, ffn_dim=32)
-    r["vae"].update(base_dim=4, dim_mult=[1, 1, 1, 1])
+    r["vae"].update(base_dim=4, dim_mult=[1] * len(r["vae"]["dim_mult"]))
     r["data"].update(size=32, width=32, frames=5)
     r["vae_training"].update(steps=2, batch_size=1, stats_clips=8, pool_clips=4, save_every=1)
     return r
@@ -25,12 +25,18 @@ def recipe():
 def test_shipped_recipe_is_consistent():
     r = load_recipe()
     assert r["text_encoder"]["d_model"] == r["transformer"]["text_dim"]
-    assert (r["train"]["data"]["num_frames"] - 1) % 4 == 0 == r["train"]["data"]["height"] % 16
+    assert len(r["vae"]["temperal_downsample"]) == len(r["vae"]["dim_mult"]) - 1
+    token_px = r["vae"]["scale_factor_spatial"] * r["transformer"]["patch_size"][1]
+    assert (r["train"]["data"]["num_frames"] - 1) % 4 == 0 == r["train"]["data"]["height"] % token_px
     assert r["generation"]["num_frames"] == r["data"]["frames"] == r["train"]["data"]["num_frames"]
     assert r["generation"]["max_sequence_length"] == r["train"]["data"]["max_sequence_length"]
     bad = copy.deepcopy(r)
     bad["transformer"]["text_dim"] = 8
     with pytest.raises(UserInputError, match="text_dim"):
+        init_model("/nonexistent/never-written", bad)
+    bad = copy.deepcopy(r)
+    bad["vae"]["scale_factor_spatial"] = 2 * r["vae"]["scale_factor_spatial"]
+    with pytest.raises(UserInputError, match="scale_factor_spatial"):
         init_model("/nonexistent/never-written", bad)
 
 
@@ -65,3 +71,20 @@ def test_init_train_vae_config_and_assemble(recipe, tmp_path):
     out = assemble(model, model / "transformer", tmp_path / "weights")
     assert (out / "transformer" / "config.json").read_text() == (model / "transformer" / "config.json").read_text()
     assert (out / "vae" / "config.json").is_file() and (out / "generation_defaults.json").is_file()
+
+
+def test_trainer_reads_the_vae_stride(recipe, tmp_path, monkeypatch):
+    """The recipe's VAE has spatial stride 4: the trainer's resolution shift must see that latent grid, not H // 8."""
+    import kaleido_s2v.training.trainer as trainer
+    from kaleido_s2v.cli import main
+    from kaleido_s2v.toy.world import WorldConfig, make_dataset
+
+    model = init_model(tmp_path / "model", recipe)
+    make_dataset(tmp_path / "data", 2, cfg=WorldConfig(height=32, width=32, frames=5, ref_size=32), progress=False)
+    seen = []
+    monkeypatch.setattr(trainer, "resolution_shift", lambda h, w, p=2: seen.append((h, w)) or 1.5)
+    assert main(["train", "--recipe", "toy_cpu", "--model", str(model), "--data", str(tmp_path / "data"), "--height", "32",
+                 "--width", "48", "--num-frames", "5", "--max-steps", "1", "--output", str(tmp_path / "run"),
+                 "--no-progress"]) == 0
+    stride = recipe["vae"]["scale_factor_spatial"]
+    assert stride != 8 and seen == [(32 // stride, 48 // stride)]

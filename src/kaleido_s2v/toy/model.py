@@ -39,6 +39,12 @@ def build_components(recipe: dict, seed: int | None = None) -> dict:
     """Random-init components at the recipe's sizes (`KaleidoPipeline(**components)`)."""
     if recipe["text_encoder"]["d_model"] != recipe["transformer"]["text_dim"]:
         raise UserInputError("recipe: text_encoder.d_model must equal transformer.text_dim")
+    v = recipe["vae"]
+    if len(v["temperal_downsample"]) != len(v["dim_mult"]) - 1:
+        raise UserInputError("recipe: vae.temperal_downsample needs one entry per downsampling (len(dim_mult) - 1)")
+    if v.get("scale_factor_spatial", 8) != 2 ** len(v["temperal_downsample"]):  # diffusers does not derive it
+        raise UserInputError(f"recipe: vae.scale_factor_spatial must be {2 ** len(v['temperal_downsample'])}, "
+                             "the VAE's spatial stride (2 per downsampling)")
     import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
     from transformers import ByT5Tokenizer, UMT5Config, UMT5EncoderModel

@@ -393,7 +393,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers,
         persistent_workers=False, prefetch_factor=2 if cfg.data.num_workers else None,
     )
-    lat_h, lat_w = cfg.data.height // 8, cfg.data.width // 8
+    from diffusers import AutoencoderKLWan
+
+    stride = AutoencoderKLWan.load_config(check_model_dir(cfg.model.path), subfolder="vae").get("scale_factor_spatial", 8)
+    lat_h, lat_w = cfg.data.height // stride, cfg.data.width // stride
     shift = resolution_shift(lat_h, lat_w, model.config.patch_size[1])
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=bf16 and not rt.dims.distributed)
     metrics = _Metrics(output, rt, start_step, cfg.run.tensorboard)
