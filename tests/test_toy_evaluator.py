@@ -123,6 +123,9 @@ def test_cli_evaluate(cases, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["matched"]["recall"] == 1.0 and "per_case" not in summary
     assert len(json.loads((tmp_path / "r.json").read_text())["per_case"]) == len(records)
+    assert main(["evaluate", "--cases", str(out), "--limit", "2", "--report", str(tmp_path / "r2.json")]) == 0
+    assert [c["clip_id"] for c in json.loads((tmp_path / "r2.json").read_text())["per_case"]] == [
+        r["clip_id"] for r in records[:2]]
     assert main(["evaluate", "--cases", str(out), "--videos", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
 

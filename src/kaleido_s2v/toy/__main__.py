@@ -71,7 +71,8 @@ def _evaluate(args) -> int:
     from ..fileio import write_text_atomic
     from .evaluator import evaluate_folder
 
-    report = evaluate_folder(args.cases, args.videos, control_seed=args.control_seed, progress=not args.json)
+    report = evaluate_folder(args.cases, args.videos, control_seed=args.control_seed, limit=args.limit,
+                             progress=not args.json)
     if args.report:
         write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
     if args.json:
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", required=True, help="folder written by make-eval (or make-data)")
     p.add_argument("--videos", default=None, help="folder of <clip_id>.mp4 (default: the cases' ground truth)")
     p.add_argument("--control-seed", type=int, default=0, help="seed of the shuffled-reference control")
+    p.add_argument("--limit", type=int, default=None, help="only the first N cases (as `generate --limit`)")
     p.add_argument("--report", default=None, help="write the full report (per case) as JSON here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_evaluate)

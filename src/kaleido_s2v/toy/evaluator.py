@@ -363,15 +363,17 @@ def evaluate(records: list[dict], videos: list[np.ndarray], *, control_seed: int
     return report
 
 
-def evaluate_folder(cases_dir, videos_dir=None, *, control_seed: int = 0, progress: bool = False) -> dict:
-    """Read scenes.jsonl from `cases_dir` and `<clip_id>.mp4` from `videos_dir` (default: the ground truth)."""
+def evaluate_folder(cases_dir, videos_dir=None, *, control_seed: int = 0, limit: int | None = None,
+                    progress: bool = False) -> dict:
+    """Read scenes.jsonl from `cases_dir` (the first `limit` cases) and `<clip_id>.mp4` from `videos_dir`
+    (default: the ground truth)."""
     from tqdm import tqdm
 
     from ..errors import UserInputError
     from ..video_io import read_video
     from .world import read_scenes
 
-    records = read_scenes(cases_dir)
+    records = read_scenes(cases_dir)[:limit]
     videos_dir = Path(videos_dir) if videos_dir else Path(cases_dir) / "videos"
     videos = []
     for r in tqdm(records, desc="reading videos", disable=not progress):
