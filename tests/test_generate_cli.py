@@ -92,6 +92,27 @@ def test_cli_video_matches_the_pipeline(model_dir, images, tmp_path):
     assert np.abs(got - expected).mean() < 0.03  # H.264 is lossy; same seed -> same video
 
 
+def test_model_generation_defaults_set_the_negative_prompt(model_dir, images, tmp_path):
+    """A model trained with "" as its unconditional text carries `negative_prompt: ""` in generation_defaults.json."""
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    (model / "generation_defaults.json").write_text(json.dumps({"negative_prompt": "", "num_inference_steps": 2}))
+    args = ["generate", "--model", str(model), "--prompt", "p", "--ref", str(images / "a.png"), "--seed", "3", *SMALL]
+    assert main([*args, "-o", str(tmp_path / "a.mp4")]) == 0
+    side = json.loads((tmp_path / "a.json").read_text())
+    assert side["negative_prompt"] == "" and side["negative_prompt_is_default"]
+    assert main([*args, "-o", str(tmp_path / "b.mp4"), "--negative-prompt", "blurry"]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["negative_prompt"] == "blurry"
+
+    from kaleido_s2v.pipeline import KaleidoPipeline
+
+    pipe = KaleidoPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("p", [images / "a.png"], negative_prompt="", height=32, width=48, num_frames=5,
+                    num_inference_steps=2, max_sequence_length=32, generator=torch.Generator().manual_seed(3)).frames[0]
+    got = read_video(tmp_path / "a.mp4").astype(np.float32) / 255
+    assert np.abs(got - expected).mean() < 0.03
+
+
 def test_builtin_model_needs_no_flags(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rc, out = _generate(tmp_path, "--prompt", "the red disc rolls", "--steps", "1", "--height", "32", "--width",

@@ -18,10 +18,13 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_WEIGHTS_DIR = Path(__file__).resolve().parent / "toy" / "weights"
 # Optional file in a model folder: generation defaults (height, width, num_frames, num_inference_steps,
-# guidance_scale, fps, max_sequence_length) that replace the release's 512×896×81 / 50 steps for models trained at other sizes.
+# guidance_scale, fps, max_sequence_length, negative_prompt) that replace the release's 512×896×81 / 50 steps /
+# Wan negative prompt for models trained otherwise (a model that only ever saw "" as its unconditional text
+# should get "" as its negative prompt: an unseen negative prompt makes CFG push off the data).
 GENERATION_DEFAULTS_FILE = "generation_defaults.json"
 GENERATION_DEFAULT_KEYS = (
-    "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "max_sequence_length"
+    "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "max_sequence_length",
+    "negative_prompt",
 )
 # Sizes for the random-weight stand-in: small enough to run in seconds on a laptop CPU.
 TINY_GENERATION_DEFAULTS = dict(height=128, width=224, num_frames=17, num_inference_steps=8, guidance_scale=6.0, fps=16)

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--convert", action="store_true", help="convert an official release folder given to --model")
     io.add_argument("--prompt", help="the caption of the video")
     io.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="reference image (repeatable)")
-    io.add_argument("--negative-prompt", help="default: the release's (Wan2.1's, minus one phrase)")
+    io.add_argument("--negative-prompt", help="default: the model's generation default, else the release's (Wan2.1's, minus one phrase)")
     io.add_argument("-o", "--output", default="output.mp4", help="output video (.mp4); a .json sidecar goes beside")
     io.add_argument("--batch", metavar="FILE", help="one case per line: prompt@@img1@@img2 (paths relative to FILE) "
                     "or JSONL {prompt, references, seed?, output?, negative_prompt?}")
@@ -362,6 +362,8 @@ def run(args: argparse.Namespace) -> int:
     from kaleido_s2v.pipeline import KALEIDO_NEGATIVE_PROMPT
     from kaleido_s2v.video_io import write_video
 
+    default_negative = defaults.get("negative_prompt", KALEIDO_NEGATIVE_PROMPT)
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
@@ -410,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
             frames = pipe(
                 prompt=case.encoded_prompt or case.prompt,
                 reference_images=case.references,
-                negative_prompt=case.negative_prompt,
+                negative_prompt=default_negative if case.negative_prompt is None else case.negative_prompt,
                 generator=torch.Generator("cpu").manual_seed(seed),
                 output_type="np",
                 max_references=args.max_references,
@@ -426,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
                 "video": str(case.output),
                 "prompt": case.prompt,
                 "encoded_prompt": case.encoded_prompt or case.prompt,
-                "negative_prompt": KALEIDO_NEGATIVE_PROMPT if case.negative_prompt is None else case.negative_prompt,
+                "negative_prompt": default_negative if case.negative_prompt is None else case.negative_prompt,
                 "negative_prompt_is_default": case.negative_prompt is None,
                 "references": case.labels,
                 "seed": seed,

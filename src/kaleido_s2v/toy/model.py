@@ -276,7 +276,7 @@ def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, g
             prompt=r["caption"], reference_images=refs, height=scene["height"], width=scene["width"],
             num_frames=scene["frames"], num_inference_steps=steps or defaults.get("num_inference_steps", 20),
             guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale", 4.0),
-            max_sequence_length=defaults.get("max_sequence_length", 512),
+            max_sequence_length=defaults.get("max_sequence_length", 512), negative_prompt=defaults.get("negative_prompt"),
             generator=torch.Generator().manual_seed(seed + k), output_type="np",
         ).frames[0]
         write_video(out_dir / f"{r['clip_id']}.mp4", video, fps=scene["fps"])
