@@ -317,6 +317,20 @@ class TestConfig:
         with pytest.raises(UserInputError, match="4k\\+1"):
             cli.config_from_args(parser.parse_args(["--num-frames", "8"])).validate()
 
+    def test_lr_schedule_warmup_constant_decay(self):
+        from kaleido_s2v.training.config import toy_cpu
+        from kaleido_s2v.training.trainer import lr_at
+
+        cfg = toy_cpu()
+        cfg.optim.lr, cfg.optim.warmup_steps, cfg.run.max_steps = 1.0, 2, 10
+        assert [lr_at(s, cfg) for s in range(10)] == [0.5] + [1.0] * 9  # the release's: warmup, then constant
+        cfg.optim.decay_steps = 4  # WSD: the last 4 steps fall linearly towards 0 (never a wasted lr-0 step)
+        assert [lr_at(s, cfg) for s in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+        cfg.validate()
+        cfg.optim.decay_steps = 9
+        with pytest.raises(UserInputError, match="--decay-steps 9"):
+            cfg.validate()
+
     def test_parallel_dims_error(self):
         from kaleido_s2v.training.parallelize import ParallelDims, check_cp_divides
 

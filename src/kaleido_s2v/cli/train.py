@@ -33,6 +33,7 @@ FLAG_FIELDS = {
     "weight_decay": ("optim", "weight_decay"),
     "grad_clip": ("optim", "grad_clip"),
     "warmup_steps": ("optim", "warmup_steps"),
+    "decay_steps": ("optim", "decay_steps"),
     "cp_degree": ("parallel", "cp_degree"),
     "gradient_checkpointing": ("parallel", "gradient_checkpointing"),
     "mixed_precision": ("parallel", "mixed_precision"),
@@ -77,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--grad-clip", type=float, help="gradient-norm clip (1.0; 0 = off)")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (50)")
+    g.add_argument("--decay-steps", type=int, help="linear decay to 0 over the last N steps (0: constant lr)")
     g.add_argument("--batch-size", type=int, help="samples per data-parallel rank and micro-step")
     g.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
     g.add_argument("--seed", type=int)

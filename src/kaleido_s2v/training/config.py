@@ -45,6 +45,7 @@ class OptimConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     warmup_steps: int = 50  # linear warmup from 0, then constant
+    decay_steps: int = 0  # > 0: linear decay to 0 over the last decay_steps of run.max_steps (WSD); 0: constant
 
 
 @dataclass(kw_only=True)
@@ -98,6 +99,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
             if getattr(r, name) < 1:
                 raise UserInputError(f"--{name.replace('_', '-')} {getattr(r, name)} must be at least 1")
+        if not 0 <= self.optim.decay_steps <= r.max_steps - self.optim.warmup_steps:
+            raise UserInputError(f"--decay-steps {self.optim.decay_steps}: must be in [0, max_steps - warmup_steps]")
         if self.lora.rank < 0:
             raise UserInputError(f"--lora-rank {self.lora.rank} must be >= 0 (0 = full fine-tune)")
         if self.parallel.cp_degree < 1:

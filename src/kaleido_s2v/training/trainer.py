@@ -180,9 +180,14 @@ def batch_loss(transformer, encoded: list[dict], shift: float, device, *, group:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over `warmup_steps` optimizer steps, then constant (the release's constant schedule)."""
-    w = cfg.optim.warmup_steps
-    return cfg.optim.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
+    """Linear warmup over `warmup_steps` optimizer steps, then constant (the release's constant schedule), then,
+    with `decay_steps`, a linear decay to 0 over the run's last steps (warmup-stable-decay, as torchtitan's)."""
+    o = cfg.optim
+    scale = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+    left = cfg.run.max_steps - step  # steps left, this one included
+    if o.decay_steps > 0 and left <= o.decay_steps:
+        scale = min(scale, left / (o.decay_steps + 1))
+    return o.lr * scale
 
 
 def _barrier(rt: Runtime) -> None:
