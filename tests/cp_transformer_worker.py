@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig
 
+from kaleido_s2v.distributed import shutdown_distributed
 from kaleido_s2v.tiny import tiny_transformer
 
 
@@ -54,7 +55,7 @@ def main(out_dir: str) -> None:
         results[f"train_{name}"], results[f"grad_{name}"] = out.detach(), grad
 
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    shutdown_distributed()  # barrier first: a rank tearing gloo down while the other still talks aborts it
 
 
 if __name__ == "__main__":
