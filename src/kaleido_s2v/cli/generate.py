@@ -408,11 +408,12 @@ def run(args: argparse.Namespace) -> int:
             seed = case.seed if case.seed is not None else random.randrange(2**31)
             if dist_info.enabled and not split_cases:
                 seed = _broadcast_seed(seed, device)
+            negative = default_negative if case.negative_prompt is None else case.negative_prompt
             start = time.perf_counter()
             frames = pipe(
                 prompt=case.encoded_prompt or case.prompt,
                 reference_images=case.references,
-                negative_prompt=default_negative if case.negative_prompt is None else case.negative_prompt,
+                negative_prompt=negative,
                 generator=torch.Generator("cpu").manual_seed(seed),
                 output_type="np",
                 max_references=args.max_references,
@@ -428,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
                 "video": str(case.output),
                 "prompt": case.prompt,
                 "encoded_prompt": case.encoded_prompt or case.prompt,
-                "negative_prompt": default_negative if case.negative_prompt is None else case.negative_prompt,
+                "negative_prompt": negative,
                 "negative_prompt_is_default": case.negative_prompt is None,
                 "references": case.labels,
                 "seed": seed,
