@@ -264,6 +264,34 @@ class TestData:
         epoch = [i for i, _, _ in one[:7]]
         assert sorted(epoch) == list(range(7))  # every sample once per epoch
 
+    def test_bucketed_sampler(self):
+        """Every global batch shares one bucket; layout-independent; a resumed sampler replays the same stream;
+        every sample is used, also in a bucket smaller than the global batch."""
+        from kaleido_s2v.training.data import StepBatchSampler
+
+        buckets = [2, 2, 3, 2, 1, 3, 2, 2, 3, 1, 2, 3, 2]  # bucket 1 has 2 samples, the global batch is 4
+
+        def steps(start=0, stop=30, **kw):
+            out = {}
+            for batch in StepBatchSampler(13, seed=3, start_step=start, max_steps=stop, buckets=buckets, **kw):
+                for k in batch:
+                    out.setdefault(k.step, []).append((k.slot, k.index))
+            return {step: [i for _, i in sorted(v)] for step, v in out.items()}
+
+        one = steps(batch_size=4, grad_accum=1, dp_rank=0, dp_size=1)
+        assert all(len({buckets[i] for i in b}) == 1 and len(b) == 4 for b in one.values())
+        two = [steps(batch_size=2, grad_accum=1, dp_rank=r, dp_size=2) for r in (0, 1)]
+        assert {s: sorted(two[0][s] + two[1][s]) for s in one} == {s: sorted(b) for s, b in one.items()}
+        assert steps(batch_size=2, grad_accum=2, dp_rank=0, dp_size=1) == one
+        assert steps(start=17, batch_size=4, grad_accum=1, dp_rank=0, dp_size=1) == {s: one[s] for s in range(17, 30)}
+        assert {i for b in one.values() for i in b} == set(range(13))
+        flat = StepBatchSampler(13, seed=3, start_step=0, max_steps=30, batch_size=4, grad_accum=1, dp_rank=0,
+                                dp_size=1)
+        assert any(len({buckets[k.index] for k in b}) > 1 for b in flat)  # unbucketed batches do mix
+        with pytest.raises(ValueError, match="bucket keys"):
+            StepBatchSampler(12, seed=3, start_step=0, max_steps=3, batch_size=4, grad_accum=1, dp_rank=0, dp_size=1,
+                             buckets=buckets)
+
     def test_every_reference_encoded_alone(self, tiny_dirs):
         """3 distinct references -> 3 latent frames, each the encode of that image alone (the release fed only #1)."""
         from kaleido_s2v.latents import encode_references, encode_video, pil_to_tensor
@@ -383,6 +411,29 @@ def test_train_resume_is_exact(tmp_path, tiny_dirs, tiny_cache):
     loaded = KaleidoTransformer3DModel.from_pretrained(tmp_path / "a" / "final" / "transformer")
     base = KaleidoTransformer3DModel.from_pretrained(model / "transformer")
     assert any(not torch.equal(p, q) for p, q in zip(loaded.parameters(), base.parameters()))
+
+
+def test_bucket_by_references_one_forward_per_step(tmp_path, tiny_dirs, tiny_cache, monkeypatch):
+    """Clips with 1, 2, 3 references: a batch of 2 mixes counts and needs 2 forwards, a bucketed one needs 1; a
+    bucketed run resumes exactly."""
+    import kaleido_s2v.training.trainer as trainer
+    from kaleido_s2v.cli import main
+
+    calls = []
+    real = trainer.flow_matching_loss
+    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a, **k: calls.append(len(a[-1] or [])) or real(*a, **k))
+    model, data = tiny_dirs
+    common = ["train", "--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32",
+              "--width", "32", "--batch-size", "2", "--save-every", "2", "--no-progress", "--cache-dir", str(tiny_cache)]
+    assert main([*common, "--output", str(tmp_path / "mixed"), "--max-steps", "4"]) == 0
+    assert len(calls) > 4
+    calls.clear()
+    assert main([*common, "--output", str(tmp_path / "a"), "--max-steps", "4", "--bucket-by-references"]) == 0
+    assert len(calls) == 4 and len(set(calls)) > 1  # one forward per step, different reference counts
+    assert main([*common, "--output", str(tmp_path / "b"), "--max-steps", "2", "--bucket-by-references"]) == 0
+    assert main([*common, "--output", str(tmp_path / "b"), "--max-steps", "4", "--resume", "latest",
+                 "--bucket-by-references"]) == 0
+    assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
 
 
 def test_grad_accumulation_equals_larger_batch(tmp_path, tiny_dirs, tiny_cache):

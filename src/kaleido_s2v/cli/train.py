@@ -26,6 +26,7 @@ FLAG_FIELDS = {
     "max_references": ("data", "max_references"),
     "text_dropout": ("data", "text_dropout"),
     "reference_dropout": ("data", "reference_dropout"),
+    "bucket_by_references": ("data", "bucket_by_references"),
     "max_sequence_length": ("data", "max_sequence_length"),
     "cache_dir": ("data", "cache_dir"),
     "num_workers": ("data", "num_workers"),
@@ -70,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-references", type=int, help="references per sample (3)")
     g.add_argument("--text-dropout", type=float, help="probability of an empty caption (0.1)")
     g.add_argument("--reference-dropout", type=float, help="probability of training without references (0)")
+    g.add_argument("--bucket-by-references", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw each batch from samples with one reference count: one forward per micro-batch (off)")
     g.add_argument("--max-sequence-length", type=int, help="T5 tokens (512)")
     g.add_argument("--num-workers", type=int, help="data loader worker processes (0)")
     g = parser.add_argument_group("optimisation")

@@ -32,6 +32,7 @@ class DataConfig:
     max_references: int = 3
     text_dropout: float = 0.1  # caption -> "" (the release's ucg_rate)
     reference_dropout: float = 0.0  # all references dropped (the release never did this)
+    bucket_by_references: bool = False  # each global batch: samples with one reference count (one forward)
     max_sequence_length: int = 512
     cache_dir: str | None = None  # latent cache (see `kaleido-s2v train --build-cache`)
     num_workers: int = 0

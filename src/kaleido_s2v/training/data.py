@@ -8,10 +8,11 @@ global batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,24 @@ def step_indices(step: int, num_samples: int, global_batch: int, seed: int) -> l
     return out
 
 
+def bucketed_batches(buckets: Sequence[int], global_batch: int, seed: int) -> Iterator[list[int]]:
+    """Endless global batches whose samples share a bucket key (e.g. their reference count).
+
+    The same seeded epoch permutations as `step_indices`, read in order; each index joins its bucket's pending
+    batch, emitted when full. Pending batches carry over epochs, so every sample is used, small buckets too.
+    """
+    pending: dict[int, list[int]] = {}
+    epoch = 0
+    while True:
+        for i in np.random.default_rng([seed, epoch]).permutation(len(buckets)):
+            batch = pending.setdefault(buckets[i], [])
+            batch.append(int(i))
+            if len(batch) == global_batch:
+                yield batch
+                pending[buckets[i]] = []
+        epoch += 1
+
+
 @dataclass(frozen=True)
 class SlotKey:
     index: int  # dataset index
@@ -140,13 +159,18 @@ class StepBatchSampler(torch.utils.data.Sampler):
     """Yields, for each (step, micro-batch), this data-parallel rank's list of `SlotKey`s.
 
     Global slot g = (micro·dp_size + dp_rank)·batch_size + b: the same sample and noise land on the same
-    slot whatever the process count, so 1 process with batch 2 equals 2 processes with batch 1.
+    slot whatever the process count, so 1 process with batch 2 equals 2 processes with batch 1. With
+    `buckets` (one key per sample), every global batch is drawn from one bucket (`bucketed_batches`).
     """
 
-    def __init__(self, num_samples, *, batch_size, grad_accum, dp_rank, dp_size, seed, start_step, max_steps):
+    def __init__(self, num_samples, *, batch_size, grad_accum, dp_rank, dp_size, seed, start_step, max_steps,
+                 buckets: Sequence[int] | None = None):
+        if buckets is not None and len(buckets) != num_samples:
+            raise ValueError(f"{len(buckets)} bucket keys for {num_samples} samples")
         self.n, self.b, self.accum = num_samples, batch_size, grad_accum
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.start_step, self.max_steps = start_step, max_steps
+        self.buckets = buckets
 
     @property
     def global_batch(self) -> int:
@@ -156,8 +180,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return (self.max_steps - self.start_step) * self.accum
 
     def __iter__(self) -> Iterator[list[SlotKey]]:
+        if self.buckets is not None:  # replay the stream up to the start step (cheap: indices only)
+            stream = itertools.islice(bucketed_batches(self.buckets, self.global_batch, self.seed), self.start_step, None)
         for step in range(self.start_step, self.max_steps):
-            indices = step_indices(step, self.n, self.global_batch, self.seed)
+            if self.buckets is None:
+                indices = step_indices(step, self.n, self.global_batch, self.seed)
+            else:
+                indices = next(stream)
             for micro in range(self.accum):
                 slots = [(micro * self.dp_size + self.dp_rank) * self.b + j for j in range(self.b)]
                 yield [SlotKey(indices[g], step, g, self.seed) for g in slots]

@@ -393,6 +393,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     sampler = StepBatchSampler(
         len(dataset), batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, dp_rank=rt.dp_rank,
         dp_size=rt.dims.dp, seed=cfg.run.seed, start_step=start_step, max_steps=cfg.run.max_steps,
+        buckets=[len(s.references) for s in dataset.samples] if cfg.data.bucket_by_references else None,
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers,
