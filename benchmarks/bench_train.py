@@ -1,9 +1,10 @@
-"""Training throughput and peak memory: the tiny CPU run, fp32 baseline vs gradient checkpointing vs bf16.
+"""Training throughput and peak memory: the tiny CPU run, fp32 baseline vs gradient checkpointing vs bf16 vs
+batches bucketed by reference count.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 12] [--size 96] [--frames 9]
 
 Each variant runs `kaleido_s2v.training.train` in its own process (so peak RSS is per variant) on the same
-synthetic data from a latent cache (no decoding in the loop); samples/s is the median over the steps after
+synthetic data from a latent cache (no decoding in the loop; clips with 1, 2 or 3 references); samples/s is the median over the steps after
 the first two; activation memory is what autograd saves for backward in one forward (saved-tensor hooks);
 the process peak RSS is printed too. Ratios are against the fp32 baseline measured in the same run.
 
@@ -30,7 +31,9 @@ VARIANTS = {
     "fp32": dict(mixed_precision="fp32", gradient_checkpointing=False),
     "fp32+checkpointing": dict(mixed_precision="fp32", gradient_checkpointing=True),
     "bf16 autocast": dict(mixed_precision="bf16", gradient_checkpointing=False),
+    "fp32+bucketed": dict(mixed_precision="fp32", gradient_checkpointing=False, bucket_by_references=True),
 }
+BATCH = 4
 BENCH_MODEL = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=512)
 
 
@@ -49,7 +52,8 @@ def child(args) -> None:
     cfg.data.height = cfg.data.width = args.size
     cfg.data.num_frames = args.frames
     cfg.run.output = args.output
-    cfg.run.max_steps, cfg.run.save_every, cfg.run.batch_size, cfg.run.tensorboard = args.steps, 10**6, 2, False
+    cfg.run.max_steps, cfg.run.save_every, cfg.run.batch_size, cfg.run.tensorboard = args.steps, 10**6, BATCH, False
+    cfg.data.bucket_by_references = variant.get("bucket_by_references", False)
     cfg.parallel.mixed_precision = variant["mixed_precision"]
     cfg.parallel.gradient_checkpointing = variant["gradient_checkpointing"]
     import torch
@@ -64,7 +68,7 @@ def child(args) -> None:
 def saved_activation_mib(cfg) -> float:
     """MiB of tensors autograd keeps for backward in one training forward (what checkpointing trades for compute).
 
-    Counted with saved-tensor hooks (unique storages), on the same batch shape as the run: deterministic,
+    Counted with saved-tensor hooks (unique storages), on the run's batch with 2 references: deterministic,
     unlike the process RSS of a shared CPU machine.
     """
     import torch
@@ -107,12 +111,12 @@ def prepare(tmp: Path, size: int, frames: int) -> tuple[Path, Path, Path]:
     for name, component in tiny_components(0, **BENCH_MODEL).items():
         component.save_pretrained(model / name)
     rng = np.random.default_rng(0)
-    for i in range(4):
+    for i in range(12):
         write_video(data / "videos" / f"c{i}.mp4", (rng.random((frames + 4, size, size, 3)) * 255).astype(np.uint8))
         (data / "labels").mkdir(parents=True, exist_ok=True)
         (data / "labels" / f"c{i}.txt").write_text(f"clip {i}")
         (data / "references" / f"c{i}").mkdir(parents=True, exist_ok=True)
-        for j in range(2):
+        for j in range(1 + i % 3):
             Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(
                 data / "references" / f"c{i}" / f"ref{j + 1}.png")
     cfg = toy_cpu()
@@ -185,7 +189,7 @@ def main() -> None:
             out = proc.stdout.strip().splitlines()[-1]
             results[name] = json.loads(out)
     base = results["fp32"]
-    print(f"tiny CPU training ({BENCH_MODEL}, {args.size}x{args.size}, {args.frames} frames, 2 refs, batch 2, "
+    print(f"tiny CPU training ({BENCH_MODEL}, {args.size}x{args.size}, {args.frames} frames, 1-3 refs, batch {BATCH}, "
           f"{args.threads} threads)")
     print(f"{'variant':<22}{'samples/s':>10}{'ratio':>8}{'activations MiB':>17}{'ratio':>8}{'process peak MiB':>18}")
     for name, r in results.items():
