@@ -8,6 +8,7 @@ global batch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -119,13 +120,18 @@ def slot_generator(seed: int, step: int, slot: int) -> torch.Generator:
     return torch.Generator().manual_seed(slot_seed(seed, step, slot, 1))
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(seed: int, epoch: int, num_samples: int) -> np.ndarray:
+    """The seeded order of one epoch (cached: a step's slots read the same one or two epochs)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
 def step_indices(step: int, num_samples: int, global_batch: int, seed: int) -> list[int]:
     """Dataset indices of the `global_batch` slots of `step`: epochs of seeded permutations, read in order."""
     out = []
     for c in range(step * global_batch, (step + 1) * global_batch):
         epoch, pos = divmod(c, num_samples)
-        perm = np.random.default_rng([seed, epoch]).permutation(num_samples)
-        out.append(int(perm[pos]))
+        out.append(int(epoch_permutation(seed, epoch, num_samples)[pos]))
     return out
 
 
@@ -138,7 +144,7 @@ def bucketed_batches(buckets: Sequence[int], global_batch: int, seed: int) -> It
     pending: dict[int, list[int]] = {}
     epoch = 0
     while True:
-        for i in np.random.default_rng([seed, epoch]).permutation(len(buckets)):
+        for i in epoch_permutation(seed, epoch, len(buckets)):
             batch = pending.setdefault(buckets[i], [])
             batch.append(int(i))
             if len(batch) == global_batch:
