@@ -413,6 +413,60 @@ def test_train_resume_is_exact(tmp_path, tiny_dirs, tiny_cache):
     assert any(not torch.equal(p, q) for p, q in zip(loaded.parameters(), base.parameters()))
 
 
+def test_ema_follows_the_formula_and_resumes_exactly(tmp_path, tiny_dirs, tiny_cache):
+    """--ema-decay: final/transformer_ema = the EMA of the per-step weights (read back from each checkpoint with
+    torch's own dcp_to_torch_save), decay warm-up (1 + s)/(10 + s) capped at the decay; resuming gives the same
+    EMA; a checkpoint saved without EMA starts the EMA from its weights."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from kaleido_s2v.cli import main
+
+    model, data = tiny_dirs
+    common = ["train", "--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32",
+              "--width", "32", "--batch-size", "2", "--no-progress", "--cache-dir", str(tiny_cache), "--lr", "1e-3"]
+    assert main([*common, "--output", str(tmp_path / "a"), "--max-steps", "4", "--save-every", "1",
+                 "--ema-decay", "0.2"]) == 0
+    weights = []
+    for k in range(1, 5):
+        dcp_to_torch_save(tmp_path / "a" / f"checkpoint-{k}", tmp_path / f"w{k}.pt")
+        weights.append(torch.load(tmp_path / f"w{k}.pt", weights_only=False)["model"])
+    expected = dict(weights[0])  # step 1: decay 0 (the shadow takes the weights)
+    for s, w in enumerate(weights[1:], start=1):
+        d = min((1 + s) / (10 + s), 0.2)
+        expected = {k: d * expected[k] + (1 - d) * w[k] for k in w}
+    ema = load_file(tmp_path / "a" / "final" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(tmp_path / "a" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert set(ema) == set(expected) and all(torch.allclose(ema[k], expected[k], atol=1e-6) for k in ema)
+    assert all(torch.equal(raw[k], weights[-1][k]) for k in raw)
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)
+    assert json.loads((tmp_path / "a" / "checkpoint-2" / "trainer_state.json").read_text())["ema"] is True
+
+    # resume: 2 steps + 2 steps = 4 steps, EMA included
+    assert main([*common, "--output", str(tmp_path / "b"), "--max-steps", "2", "--save-every", "2",
+                 "--ema-decay", "0.2"]) == 0
+    assert main([*common, "--output", str(tmp_path / "b"), "--max-steps", "4", "--save-every", "2",
+                 "--ema-decay", "0.2", "--resume", "latest"]) == 0
+    ema_b = load_file(tmp_path / "b" / "final" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(ema_b[k], ema[k], atol=1e-6) for k in ema)
+
+    # a run without EMA, resumed with it: the EMA starts from checkpoint-2's weights (step 3 then has decay 0.2)
+    assert main([*common, "--output", str(tmp_path / "c"), "--max-steps", "2", "--save-every", "2"]) == 0
+    assert not (tmp_path / "c" / "final" / "transformer_ema").exists()
+    assert main([*common, "--output", str(tmp_path / "c"), "--max-steps", "3", "--save-every", "1",
+                 "--ema-decay", "0.2", "--resume", "latest"]) == 0
+    dcp_to_torch_save(tmp_path / "c" / "checkpoint-2", tmp_path / "c2.pt")
+    w2 = torch.load(tmp_path / "c2.pt", weights_only=False)["model"]
+    w3 = load_file(tmp_path / "c" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    ema_c = load_file(tmp_path / "c" / "final" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(ema_c[k], 0.2 * w2[k] + 0.8 * w3[k], atol=1e-6) for k in w3)
+
+    # bad values: one-line errors, exit 2
+    assert main([*common, "--output", str(tmp_path / "d"), "--max-steps", "1", "--ema-decay", "1.5"]) == 2
+    assert main([*common, "--output", str(tmp_path / "d"), "--max-steps", "1", "--ema-decay", "0.9",
+                 "--lora-rank", "4"]) == 2
+
+
 def test_bucket_by_references_one_forward_per_step(tmp_path, tiny_dirs, tiny_cache, monkeypatch):
     """Clips with 1, 2, 3 references: a batch of 2 mixes counts and needs 2 forwards, a bucketed one needs 1; a
     bucketed run resumes exactly."""

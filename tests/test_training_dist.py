@@ -36,8 +36,8 @@ def common(model, data, out, steps):
             "--width", "32", "--max-steps", str(steps), "--save-every", str(steps), "--no-progress"]
 
 
-def final_weights(out):
-    return load_file(out / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+def final_weights(out, name="transformer"):
+    return load_file(out / "final" / name / "diffusion_pytorch_model.safetensors")
 
 
 def assert_same_weights(a, b, atol=1e-5):
@@ -53,12 +53,17 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, dirs):
 
     model, data = dirs
     # 2 samples per rank with 1-3 references each: one forward per sample on every rank (equal collectives)
-    torchrun(2, *common(model, data, tmp_path / "fsdp", 3), "--batch-size", "2")
-    train(toy_config(model, data, tmp_path / "one", max_steps=3, save_every=3, batch_size=4), progress=False)
+    # with an EMA of the weights (each rank averages its shards)
+    torchrun(2, *common(model, data, tmp_path / "fsdp", 3), "--batch-size", "2", "--ema-decay", "0.5")
+    cfg = toy_config(model, data, tmp_path / "one", max_steps=3, save_every=3, batch_size=4)
+    cfg.optim.ema_decay = 0.5
+    train(cfg, progress=False)
 
     fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
     assert [m["loss"] for m in fsdp] == pytest.approx([m["loss"] for m in one], rel=1e-5)
     assert_same_weights(final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one"))
+    assert_same_weights(final_weights(tmp_path / "fsdp", "transformer_ema"),
+                        final_weights(tmp_path / "one", "transformer_ema"))
 
     # the sharded checkpoint (2 ranks) loads into a plain single-process model
     plain = load_transformer(model)

@@ -35,6 +35,7 @@ FLAG_FIELDS = {
     "grad_clip": ("optim", "grad_clip"),
     "warmup_steps": ("optim", "warmup_steps"),
     "decay_steps": ("optim", "decay_steps"),
+    "ema_decay": ("optim", "ema_decay"),
     "cp_degree": ("parallel", "cp_degree"),
     "gradient_checkpointing": ("parallel", "gradient_checkpointing"),
     "mixed_precision": ("parallel", "mixed_precision"),
@@ -82,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", type=float, help="gradient-norm clip (1.0; 0 = off)")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps (50)")
     g.add_argument("--decay-steps", type=int, help="linear decay to 0 over the last N steps (0: constant lr)")
+    g.add_argument("--ema-decay", type=float,
+                   help="keep an EMA of the weights with this decay, e.g. 0.999 (exported as final/transformer_ema)")
     g.add_argument("--batch-size", type=int, help="samples per data-parallel rank and micro-step")
     g.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step")
     g.add_argument("--seed", type=int)

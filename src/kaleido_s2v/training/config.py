@@ -47,6 +47,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 50  # linear warmup from 0, then constant
     decay_steps: int = 0  # > 0: linear decay to 0 over the last decay_steps of run.max_steps (WSD); 0: constant
+    ema_decay: float = 0.0  # > 0: also keep an EMA of the weights (final/transformer_ema/); 0: off, as the release
 
 
 @dataclass(kw_only=True)
@@ -102,6 +103,10 @@ class TrainConfig:
                 raise UserInputError(f"--{name.replace('_', '-')} {getattr(r, name)} must be at least 1")
         if not 0 <= self.optim.decay_steps <= r.max_steps - self.optim.warmup_steps:
             raise UserInputError(f"--decay-steps {self.optim.decay_steps}: must be in [0, max_steps - warmup_steps]")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise UserInputError(f"--ema-decay {self.optim.ema_decay} must be in [0, 1) (e.g. 0.999; 0 = off)")
+        if self.optim.ema_decay > 0 and self.lora.rank > 0:
+            raise UserInputError("--ema-decay works with a full fine-tune only: drop it or --lora-rank")
         if self.lora.rank < 0:
             raise UserInputError(f"--lora-rank {self.lora.rank} must be >= 0 (0 = full fine-tune)")
         if self.parallel.cp_degree < 1:

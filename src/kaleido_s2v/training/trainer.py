@@ -2,8 +2,8 @@
 
 Outputs under `run.output`:
   metrics.jsonl             one JSON object per optimizer step (step, loss, lr, grad_norm, samples_per_s, ...)
-  checkpoint-<step>/        torch.distributed.checkpoint shards (model + optimizer), config.yaml, trainer_state.json
-  final/                    full: final/transformer/ (diffusers); LoRA: pytorch_lora_weights.safetensors
+  checkpoint-<step>/        torch.distributed.checkpoint shards (model + optimizer [+ EMA]), config.yaml, trainer_state.json
+  final/                    full: final/transformer/ (diffusers) [+ transformer_ema/]; LoRA: pytorch_lora_weights.safetensors
   tensorboard/              when the tensorboard package is installed
 """
 
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ..errors import UserInputError
 from .config import TrainConfig
 from .data import CachedDataset, VideoDataset, discover_samples, slot_generator
+from .ema import ParameterEMA
 from .objective import flow_matching_loss, resolution_shift, sample_noise_and_sigma
 from .parallelize import (
     Runtime,
@@ -206,8 +207,8 @@ def _state_dicts(model, optimizer, lora: bool):
     return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=lora))
 
 
-def save_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, step: int, rt: Runtime) -> None:
-    """Sharded model + optimizer state (torch.distributed.checkpoint), config and step; renamed into place."""
+def save_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, step: int, rt: Runtime, ema=None) -> None:
+    """Sharded model + optimizer (+ EMA) state (torch.distributed.checkpoint), config and step; renamed into place."""
     import torch.distributed.checkpoint as dcp
 
     tmp = path.with_name(f".{path.name}.tmp")
@@ -215,20 +216,22 @@ def save_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, step: int, r
         shutil.rmtree(tmp)
     _barrier(rt)
     model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
+    state = {"model": model_sd, "optim": optim_sd} | ({"ema": ema.state_dict()} if ema is not None else {})
     with warnings.catch_warnings():  # one process: dcp says it assumes a single process, which is right
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save(state, checkpoint_id=str(tmp))
     _barrier(rt)
     if rt.is_main:
         (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, world_size=rt.dims.world_size)))
+        (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, world_size=rt.dims.world_size, ema=ema is not None)))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     _barrier(rt)
 
 
-def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
+def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, ema=None) -> int:
+    """Restore model and optimizer (and the EMA: from the checkpoint when it has one, else the loaded weights)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -236,8 +239,11 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise UserInputError(f"--resume '{path}' is not a checkpoint folder (no trainer_state.json): give checkpoint-<step>")
+    trainer_state = json.loads(state_file.read_text())
     model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
     state = {"model": model_sd, "optim": optim_sd}
+    if ema is not None and trainer_state.get("ema"):
+        state["ema"] = ema.state_dict()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -249,7 +255,14 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig) -> int:
             "resume with the settings it was saved with (its config.yaml)"
         ) from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return int(json.loads(state_file.read_text())["step"])
+    step = int(trainer_state["step"])
+    if ema is not None:
+        if "ema" in state:
+            ema.ema.optimization_step = step
+        else:  # a checkpoint saved without EMA: average from its weights on
+            logger.info("%s has no EMA weights: the EMA starts from its model weights", path)
+            ema.restart_from(model, step)
+    return step
 
 
 def _transformer_config(model) -> dict:
@@ -259,8 +272,9 @@ def _transformer_config(model) -> dict:
     return {"_class_name": "KaleidoTransformer3DModel", "_diffusers_version": diffusers.__version__, **cfg}
 
 
-def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config=None) -> Path:
-    """final/transformer/ (full fine-tune, diffusers format) or final/pytorch_lora_weights.safetensors (LoRA)."""
+def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config=None, ema=None) -> Path:
+    """final/transformer/ (full fine-tune, diffusers format; with EMA also final/transformer_ema/) or
+    final/pytorch_lora_weights.safetensors (LoRA)."""
     from huggingface_hub import save_torch_state_dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -270,20 +284,30 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
     lora = cfg.lora.rank > 0
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
     full = get_model_state_dict(model, options=options)  # collective under FSDP
+    full_ema = None
+    if ema is not None:
+        with ema.swapped_into(model):
+            full_ema = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
     final = output / "final"
+
+    def save_transformer(folder: Path, state: dict) -> None:
+        folder.mkdir()
+        save_torch_state_dict(
+            {k: v.detach().clone() for k, v in state.items()},  # own storage (FSDP gathers into padded buffers)
+            folder,
+            filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+            max_shard_size="10GB",
+        )
+        (folder / "config.json").write_text(json.dumps(_transformer_config(model), indent=2))
+
     if rt.is_main:
         with atomic_path(final, is_dir=True) as tmp:
             if lora:
                 save_lora(tmp, lora_state_dict(model, full), peft_config)
             else:
-                (tmp / "transformer").mkdir()
-                save_torch_state_dict(
-                    {k: v.detach().clone() for k, v in full.items()},  # own storage (FSDP gathers into padded buffers)
-                    tmp / "transformer",
-                    filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-                    max_shard_size="10GB",
-                )
-                (tmp / "transformer" / "config.json").write_text(json.dumps(_transformer_config(model), indent=2))
+                save_transformer(tmp / "transformer", full)
+                if full_ema is not None:
+                    save_transformer(tmp / "transformer_ema", full_ema)
             (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     _barrier(rt)
     return final
@@ -379,12 +403,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     o = cfg.optim
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    ema = ParameterEMA(model, o.ema_decay) if o.ema_decay > 0 else None
 
     start_step = 0
     if cfg.run.resume:
         ckpt = find_latest_checkpoint(output) if cfg.run.resume == "latest" else Path(cfg.run.resume)
         if ckpt is not None:
-            start_step = load_checkpoint(ckpt, model, optimizer, cfg)
+            start_step = load_checkpoint(ckpt, model, optimizer, cfg, ema)
             if rt.is_main:
                 logger.info("resumed from %s at step %d", ckpt, start_step)
         elif rt.is_main:
@@ -444,6 +469,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             if rt.is_main:
                 logger.warning("step %d: non-finite loss or gradient norm, update skipped", step + 1)
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(model)
         step += 1
         micro, accum_loss = 0, 0.0
         dt = time.perf_counter() - t0
@@ -454,11 +481,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
         if step % cfg.run.save_every == 0 or step == cfg.run.max_steps:
-            save_checkpoint(output / f"checkpoint-{step}", model, optimizer, cfg, step, rt)
+            save_checkpoint(output / f"checkpoint-{step}", model, optimizer, cfg, step, rt, ema)
             t0 = time.perf_counter()  # samples/s measures training, not saving
     bar.close()
     metrics.close()
-    final = export_final(output, model, cfg, rt, peft_config)
+    final = export_final(output, model, cfg, rt, peft_config, ema)
     summary = dict(steps=step, last=last, skipped_steps=skipped, output=str(output), final=str(final),
                    world_size=rt.dims.world_size, lora=cfg.lora.rank > 0)
     return summary
