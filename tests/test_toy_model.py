@@ -91,3 +91,39 @@ def test_trainer_reads_the_vae_stride(recipe, tmp_path, monkeypatch):
                  "--width", "48", "--num-frames", "5", "--max-steps", "1", "--output", str(tmp_path / "run"),
                  "--no-progress"]) == 0
     assert seen == [(32 // 4, 48 // 4)]
+
+
+def test_train_text_learns_the_captions(recipe, tmp_path):
+    """Masked-LM on the training captions: masked bytes are predicted far above chance (1/256), the encoder is
+    rewritten in place (the pipeline loads it), and a folder without captions is refused."""
+    import numpy as np
+
+    from kaleido_s2v.pipeline import KaleidoPipeline
+    from kaleido_s2v.toy.__main__ import main as toy_main
+    from kaleido_s2v.toy.captions import caption
+    from kaleido_s2v.toy.model import train_text
+    from kaleido_s2v.toy.world import WorldConfig, sample_scene
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"clip_id": f"c{i}", "caption": caption(sample_scene(np.random.default_rng(i), WorldConfig()))}
+            for i in range(200)]
+    (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = init_model(tmp_path / "model", recipe)
+    before = {k: v.clone() for k, v in KaleidoPipeline.from_pretrained(model).text_encoder.state_dict().items()}
+
+    r = copy.deepcopy(recipe)
+    r["text_training"].update(steps=500, batch_size=8, lr=3e-3)
+    summary = train_text(model, data, r, progress=False)
+    assert summary["captions"] == 200 and summary["steps"] == 500
+    text = "".join(row["caption"] for row in rows).encode()
+    unigram = max(text.count(bytes([b])) for b in set(text)) / len(text)  # always guessing the commonest byte
+    assert summary["accuracy"] > 2 * unigram, (summary, unigram)  # so the context is used
+    history = json.loads((model / "text_training.json").read_text())["history"]
+    assert np.mean([h["loss"] for h in history[-50:]]) < 0.5 * np.mean([h["loss"] for h in history[:10]])
+    after = KaleidoPipeline.from_pretrained(model).text_encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    with pytest.raises(UserInputError, match="manifest.jsonl"):
+        train_text(model, tmp_path / "nothing", r, progress=False)
+    assert toy_main(["train-text", "--model", str(tmp_path / "none"), "--data", str(data), "--steps", "1"]) == 2

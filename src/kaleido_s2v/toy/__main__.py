@@ -112,6 +112,18 @@ def _train_vae(args) -> int:
     return 0
 
 
+def _train_text(args) -> int:
+    from .model import load_recipe, train_text
+
+    summary = train_text(args.model, args.data, load_recipe(args.recipe), steps=args.steps, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"trained the text encoder for {summary['steps']} steps on {summary['captions']} captions in "
+              f"{summary['seconds']:.0f} s; masked-byte accuracy {summary['accuracy'] or float('nan'):.3f}")
+    return 0
+
+
 def _train_config(args) -> int:
     from ..fileio import write_text_atomic
     from .model import load_recipe, train_config
@@ -174,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override vae_training.steps")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_train_vae)
+    p = sub.add_parser("train-text", help="train the folder's text encoder on the training captions (masked LM)")
+    p.add_argument("--model", required=True, help="folder written by init-model (its text_encoder/ is replaced)")
+    p.add_argument("--data", required=True, help="training folder written by make-data (its captions)")
+    p.add_argument("--recipe", default=None, help=recipe_help)
+    p.add_argument("--steps", type=int, default=None, help="override text_training.steps")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_train_text)
     p = sub.add_parser("train-config", help="write the `kaleido-s2v train --config` YAML for the transformer")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="folder written by make-data")

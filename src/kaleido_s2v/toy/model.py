@@ -4,7 +4,8 @@ The transformer is trained by the project's own `kaleido-s2v train`; everything 
 `init_model` writes a diffusers `KaleidoPipeline` folder at the recipe's sizes (ByT5 tokenizer, UMT5 text
 encoder, AutoencoderKLWan, KaleidoTransformer3DModel, flow-matching scheduler), `train_vae` teaches the VAE
 the toy world (clips and reference images rendered on the fly) and stores the measured latent statistics in
-its config, `train_config` writes the trainer's YAML, `assemble` puts the trained transformer into the folder.
+its config, `train_text` teaches the text encoder the captions' words, `train_config` writes the trainer's
+YAML, `assemble` puts the trained transformer into the folder.
 """
 
 from __future__ import annotations
@@ -205,6 +206,78 @@ def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bo
     summary = {"steps": steps, "seconds": time.time() - t0, "last": history[-1] if history else None,
                "latents_mean": mean, "latents_std": std}
     write_text_atomic(model_dir / "vae_training.json", json.dumps({"summary": summary, "history": history}) + "\n")
+    return summary
+
+
+def read_captions(data_dir) -> list[str]:
+    """The captions of a training folder's manifest.jsonl (kept records)."""
+    path = Path(data_dir) / "manifest.jsonl"
+    if not path.is_file():
+        raise UserInputError(f"'{path}' not found: give --data a folder written by `make-data`")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    captions = [r["caption"] for r in rows if r.get("status", "kept") != "rejected" and r.get("caption")]
+    if not captions:
+        raise UserInputError(f"'{path}' has no captions: give --data a folder written by `make-data`")
+    return captions
+
+
+def train_text(model_dir, data_dir, recipe: dict, *, steps: int | None = None, progress: bool = True,
+               device: str = "cpu") -> dict:
+    """Teach the folder's UMT5 encoder the world's words: byte-level masked language modelling on the captions.
+
+    A random encoder gives every caption nearly the same states, and the transformer (which, like the
+    release's, trains with the encoder frozen) then barely uses its captions; a real T5 knows the words. Here a
+    share of the caption bytes is replaced by a sentinel id and a linear head (discarded) predicts them from
+    the encoder's last states. docs/toy.md has the measurements.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "text_encoder" / "config.json").is_file():
+        raise UserInputError(f"'{model_dir}/text_encoder/config.json' not found: give a folder written by `init-model`")
+    captions = read_captions(data_dir)
+    tt = recipe["text_training"]
+    steps = tt["steps"] if steps is None else steps
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(model_dir / "text_encoder").to(device).train()
+    torch.manual_seed(recipe.get("seed", 0) + 3)
+    head = torch.nn.Linear(encoder.config.d_model, encoder.config.vocab_size).to(device)
+    params = list(encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=tt["lr"], weight_decay=tt.get("weight_decay", 0.0))
+    mask_id = encoder.config.vocab_size - 1  # ByT5's last sentinel, never produced by the captions' bytes
+    specials = torch.tensor(tokenizer.all_special_ids)
+    rng = np.random.default_rng(recipe.get("seed", 0) + 3)
+    gen = torch.Generator().manual_seed(recipe.get("seed", 0) + 3)
+    t0, history = time.time(), []
+    bar = tqdm(range(steps), desc="train-text", disable=not progress)
+    for step in bar:
+        batch = [captions[i] for i in rng.integers(0, len(captions), tt["batch_size"])]
+        tokens = tokenizer(batch, padding="longest", return_tensors="pt")
+        ids, attention = tokens.input_ids, tokens.attention_mask
+        masked = (torch.rand(ids.shape, generator=gen) < tt["mask_prob"]) & (attention > 0) & ~torch.isin(ids, specials)
+        states = encoder(ids.masked_fill(masked, mask_id).to(device), attention.to(device)).last_hidden_state
+        logits = head(states)[masked.to(device)]
+        loss = F.cross_entropy(logits, ids[masked].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        acc = (logits.argmax(-1).cpu() == ids[masked]).float().mean().item()
+        history.append({"step": step, "loss": loss.item(), "accuracy": acc})
+        if (step + 1) % 50 == 0:
+            recent = history[-50:]
+            bar.set_postfix(loss=f"{np.mean([h['loss'] for h in recent]):.3f}",
+                            acc=f"{np.mean([h['accuracy'] for h in recent]):.3f}", refresh=False)
+    encoder.eval()
+    with atomic_path(model_dir / "text_encoder", is_dir=True) as tmp:
+        encoder.save_pretrained(tmp)
+    recent = history[-50:]
+    summary = {"steps": steps, "seconds": time.time() - t0, "captions": len(captions),
+               "loss": float(np.mean([h["loss"] for h in recent])) if recent else None,
+               "accuracy": float(np.mean([h["accuracy"] for h in recent])) if recent else None}
+    write_text_atomic(model_dir / "text_training.json", json.dumps({"summary": summary, "history": history}) + "\n")
     return summary
 
 
