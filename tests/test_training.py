@@ -449,6 +449,10 @@ def test_ema_follows_the_formula_and_resumes_exactly(tmp_path, tiny_dirs, tiny_c
                  "--ema-decay", "0.2", "--resume", "latest"]) == 0
     ema_b = load_file(tmp_path / "b" / "final" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
     assert all(torch.allclose(ema_b[k], ema[k], atol=1e-6) for k in ema)
+    # an EMA checkpoint resumed without --ema-decay trains on (and exports no EMA)
+    assert main([*common, "--output", str(tmp_path / "b"), "--max-steps", "5", "--save-every", "5",
+                 "--resume", "latest"]) == 0
+    assert not (tmp_path / "b" / "final" / "transformer_ema").exists()
 
     # a run without EMA, resumed with it: the EMA starts from checkpoint-2's weights (step 3 then has decay 0.2)
     assert main([*common, "--output", str(tmp_path / "c"), "--max-steps", "2", "--save-every", "2"]) == 0
