@@ -64,13 +64,14 @@ def test_smoke_generation_with_the_default_reference(pipe):
 
 
 def test_follows_its_references_better_than_the_shuffled_control(pipe, tmp_path):
-    """24 unseen evaluation cases (6 per reference kind) at the model's default settings.
+    """48 unseen evaluation cases (12 per reference kind) at the model's default settings.
 
-    Measured with the shipped weights (2026-11-21): colour recall 0.56 against 0.45 for the shuffled control,
-    recall 0.19 against 0.09 (on 200 cases: 0.43 / 0.25 and 0.19 / 0.11, docs/toy.md). Random weights score 0.
+    Measured with the shipped round-2 weights (2026-11-21, two CPU threads): colour recall 0.60 against 0.21
+    for the shuffled control, recall 0.25 against 0.07 (on the 200 cases of docs/toy.md: 0.68 / 0.22 and
+    0.35 / 0.10). Random weights score 0. 24 cases were too few for the shape recall: their control drew 0.13.
     """
     cases = tmp_path / "cases"
-    make_eval_cases(cases, 24, seed=97, cfg=WorldConfig(), progress=False)
+    make_eval_cases(cases, 48, seed=97, cfg=WorldConfig(), progress=False)
     records = read_scenes(cases)
     videos = [
         (_generate(pipe, r["caption"], [cases / ref["path"] for ref in r["references"]], k) * 255).round().astype(np.uint8)
@@ -78,6 +79,7 @@ def test_follows_its_references_better_than_the_shuffled_control(pipe, tmp_path)
     ]
     report = evaluate(records, videos)
     matched, control = report["matched"], report["control"]
-    assert matched["colour_recall"] >= 0.4, matched
-    assert matched["colour_recall"] >= control["colour_recall"] + 0.06, (matched, control)
-    assert matched["recall"] >= control["recall"] + 0.05, (matched, control)
+    assert matched["colour_recall"] >= 0.5, matched
+    assert matched["colour_recall"] >= control["colour_recall"] + 0.25, (matched, control)
+    assert matched["recall"] >= control["recall"] + 0.08, (matched, control)
+    assert matched["leak_rate"] <= 0.05, matched
