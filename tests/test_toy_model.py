@@ -70,7 +70,9 @@ def test_init_train_vae_config_and_assemble(recipe, tmp_path):
 
     with pytest.raises(UserInputError, match="final/transformer"):
         assemble(model, tmp_path / "nothing", tmp_path / "out")
+    assert (model / "vae_training.json").is_file()
     out = assemble(model, model / "transformer", tmp_path / "weights")
+    assert not (out / "vae_training.json").exists()  # training logs stay with the model folder
     assert (out / "transformer" / "config.json").read_text() == (model / "transformer" / "config.json").read_text()
     assert (out / "vae" / "config.json").is_file() and (out / "generation_defaults.json").is_file()
 

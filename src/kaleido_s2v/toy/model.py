@@ -306,12 +306,13 @@ def train_config(recipe: dict, *, model: str, data: str, output: str) -> str:
 
 
 def assemble(model_dir, transformer_dir, out) -> Path:
-    """Copy the model folder with the trained transformer (a trainer's `final/transformer`) into `out`."""
+    """Copy the model folder with the trained transformer (a trainer's `final/transformer`) into `out`, without
+    the training logs (`vae_training.json`, `text_training.json`)."""
     model_dir, transformer_dir, out = Path(model_dir), Path(transformer_dir), Path(out)
     if not (transformer_dir / "config.json").is_file():
         raise UserInputError(f"'{transformer_dir}/config.json' not found: give the run's final/transformer folder")
     with atomic_path(out, is_dir=True) as tmp:
-        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*_training.json"))
         shutil.rmtree(tmp / "transformer")
         shutil.copytree(transformer_dir, tmp / "transformer")
     return out
