@@ -26,10 +26,14 @@ class ParameterEMA:
         """Shadow weights by name (references, so `dcp.load` fills them in place)."""
         return dict(zip(self.names, self.ema.shadow_params))
 
+    def resumed_at(self, step: int) -> None:
+        """The shadow weights were loaded from a checkpoint of `step`: the decay warm-up goes on from there."""
+        self.ema.optimization_step = step
+
     def restart_from(self, model: torch.nn.Module, step: int) -> None:
         """Shadow = the model's current weights; the decay warm-up counts from `step`."""
         _copy(self.ema.shadow_params, [p.detach() for p in model.parameters() if p.requires_grad])
-        self.ema.optimization_step = step
+        self.resumed_at(step)
 
     def swapped_into(self, model: torch.nn.Module):
         """Context manager: the model holds the EMA weights inside, its own weights again after."""

@@ -258,7 +258,7 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, ema=None) ->
     step = int(trainer_state["step"])
     if ema is not None:
         if "ema" in state:
-            ema.ema.optimization_step = step
+            ema.resumed_at(step)
         else:  # a checkpoint saved without EMA: average from its weights on
             logger.info("%s has no EMA weights: the EMA starts from its model weights", path)
             ema.restart_from(model, step)
@@ -285,15 +285,16 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
     full = get_model_state_dict(model, options=options)  # collective under FSDP
     full_ema = None
-    if ema is not None:
+    if ema is not None:  # cloned inside the swap: one process, the state dict aliases the parameters
         with ema.swapped_into(model):
             full_ema = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
     final = output / "final"
 
-    def save_transformer(folder: Path, state: dict) -> None:
+    def save_transformer(folder: Path, state: dict, owned: bool = False) -> None:
         folder.mkdir()
         save_torch_state_dict(
-            {k: v.detach().clone() for k, v in state.items()},  # own storage (FSDP gathers into padded buffers)
+            # own storage (FSDP gathers into padded buffers)
+            state if owned else {k: v.detach().clone() for k, v in state.items()},
             folder,
             filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
             max_shard_size="10GB",
@@ -307,7 +308,7 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
             else:
                 save_transformer(tmp / "transformer", full)
                 if full_ema is not None:
-                    save_transformer(tmp / "transformer_ema", full_ema)
+                    save_transformer(tmp / "transformer_ema", full_ema, owned=True)
             (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     _barrier(rt)
     return final
