@@ -108,8 +108,8 @@ def test_train_text_learns_the_captions(recipe, tmp_path):
 
     data = tmp_path / "data"
     data.mkdir()
-    rows = [{"clip_id": f"c{i}", "caption": caption(sample_scene(np.random.default_rng(i), WorldConfig()))}
-            for i in range(200)]
+    rows = [{"clip_id": f"c{i}", "video": f"videos/c{i}.mp4",
+             "caption": caption(sample_scene(np.random.default_rng(i), WorldConfig()))} for i in range(200)]
     (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = init_model(tmp_path / "model", recipe)
     before = {k: v.clone() for k, v in KaleidoPipeline.from_pretrained(model).text_encoder.state_dict().items()}

@@ -103,24 +103,18 @@ def _init_model(args) -> int:
 def _train_vae(args) -> int:
     from .model import load_recipe, train_vae
 
-    summary = train_vae(args.model, load_recipe(args.recipe), steps=args.steps, progress=not args.json)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"trained the VAE for {summary['steps']} steps in {summary['seconds']:.0f} s; "
-              f"last loss {summary['last']['loss'] if summary['last'] else float('nan'):.4f}")
+    s = train_vae(args.model, load_recipe(args.recipe), steps=args.steps, progress=not args.json)
+    print(json.dumps(s) if args.json else f"trained the VAE for {s['steps']} steps in {s['seconds']:.0f} s; "
+          f"last loss {s['last']['loss'] if s['last'] else float('nan'):.4f}")
     return 0
 
 
 def _train_text(args) -> int:
     from .model import load_recipe, train_text
 
-    summary = train_text(args.model, args.data, load_recipe(args.recipe), steps=args.steps, progress=not args.json)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"trained the text encoder for {summary['steps']} steps on {summary['captions']} captions in "
-              f"{summary['seconds']:.0f} s; masked-byte accuracy {summary['accuracy'] or float('nan'):.3f}")
+    s = train_text(args.model, args.data, load_recipe(args.recipe), steps=args.steps, progress=not args.json)
+    print(json.dumps(s) if args.json else f"trained the text encoder for {s['steps']} steps on {s['captions']} "
+          f"captions in {s['seconds']:.0f} s; masked-byte accuracy {s['accuracy'] or float('nan'):.3f}")
     return 0
 
 

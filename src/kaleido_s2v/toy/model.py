@@ -209,18 +209,6 @@ def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bo
     return summary
 
 
-def read_captions(data_dir) -> list[str]:
-    """The captions of a training folder's manifest.jsonl (kept records)."""
-    path = Path(data_dir) / "manifest.jsonl"
-    if not path.is_file():
-        raise UserInputError(f"'{path}' not found: give --data a folder written by `make-data`")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    captions = [r["caption"] for r in rows if r.get("status", "kept") != "rejected" and r.get("caption")]
-    if not captions:
-        raise UserInputError(f"'{path}' has no captions: give --data a folder written by `make-data`")
-    return captions
-
-
 def train_text(model_dir, data_dir, recipe: dict, *, steps: int | None = None, progress: bool = True,
                device: str = "cpu") -> dict:
     """Teach the folder's UMT5 encoder the world's words: byte-level masked language modelling on the captions.
@@ -235,10 +223,14 @@ def train_text(model_dir, data_dir, recipe: dict, *, steps: int | None = None, p
     from tqdm import tqdm
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    from ..training.data import discover_samples
+
     model_dir = Path(model_dir)
     if not (model_dir / "text_encoder" / "config.json").is_file():
         raise UserInputError(f"'{model_dir}/text_encoder/config.json' not found: give a folder written by `init-model`")
-    captions = read_captions(data_dir)
+    captions = [s.caption for s in discover_samples(data_dir) if s.caption]  # what the trainer will read
+    if not captions:
+        raise UserInputError(f"--data '{data_dir}' has no captions: give the transformer's training data")
     tt = recipe["text_training"]
     steps = tt["steps"] if steps is None else steps
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")

@@ -7,6 +7,8 @@ under FSDP each rank averages its shard (DTensors) and `torch.distributed.checkp
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers.training_utils import EMAModel
 
@@ -15,12 +17,13 @@ class ParameterEMA:
     """EMA of a model's trainable parameters, keyed by parameter name for checkpoints."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.ema = EMAModel(params, decay=decay, foreach=True)
+        """Build after parallelising: the EMA holds the model's final parameter objects (as the optimizer does)."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.ema = EMAModel(self.params, decay=decay, foreach=True)
 
-    def step(self, model: torch.nn.Module) -> None:
-        self.ema.step([p for p in model.parameters() if p.requires_grad])
+    def step(self) -> None:
+        self.ema.step(self.params)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Shadow weights by name (references, so `dcp.load` fills them in place)."""
@@ -30,27 +33,21 @@ class ParameterEMA:
         """The shadow weights were loaded from a checkpoint of `step`: the decay warm-up goes on from there."""
         self.ema.optimization_step = step
 
-    def restart_from(self, model: torch.nn.Module, step: int) -> None:
+    def restart_from_weights(self, step: int) -> None:
         """Shadow = the model's current weights; the decay warm-up counts from `step`."""
-        _copy(self.ema.shadow_params, [p.detach() for p in model.parameters() if p.requires_grad])
+        _copy(self.ema.shadow_params, [p.detach() for p in self.params])
         self.resumed_at(step)
 
-    def swapped_into(self, model: torch.nn.Module):
-        """Context manager: the model holds the EMA weights inside, its own weights again after."""
-        return _Swap(self, model)
-
-
-class _Swap:
-    def __init__(self, owner: ParameterEMA, model: torch.nn.Module):
-        self.owner, self.params = owner, [p for p in model.parameters() if p.requires_grad]
-
-    def __enter__(self):  # per tensor: DTensor has no sharding rule for the _foreach_copy_ of EMAModel.copy_to
-        self.saved = [p.detach().clone() for p in self.params]
-        _copy(self.params, self.owner.ema.shadow_params)
-
-    def __exit__(self, *exc):
-        _copy(self.params, self.saved)
-        self.saved = None
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model holds the EMA weights inside, its own weights again after. Per tensor, because DTensor has
+        no sharding rule for the `_foreach_copy_` of `EMAModel.copy_to`."""
+        saved = [p.detach().clone() for p in self.params]
+        _copy(self.params, self.ema.shadow_params)
+        try:
+            yield
+        finally:
+            _copy(self.params, saved)
 
 
 @torch.no_grad()

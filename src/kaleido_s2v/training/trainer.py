@@ -261,7 +261,7 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, ema=None) ->
             ema.resumed_at(step)
         else:  # a checkpoint saved without EMA: average from its weights on
             logger.info("%s has no EMA weights: the EMA starts from its model weights", path)
-            ema.restart_from(model, step)
+            ema.restart_from_weights(step)
     return step
 
 
@@ -286,7 +286,7 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
     full = get_model_state_dict(model, options=options)  # collective under FSDP
     full_ema = None
     if ema is not None:  # cloned inside the swap: one process, the state dict aliases the parameters
-        with ema.swapped_into(model):
+        with ema.swapped_in():
             full_ema = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
     final = output / "final"
 
@@ -471,7 +471,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 logger.warning("step %d: non-finite loss or gradient norm, update skipped", step + 1)
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            ema.step(model)
+            ema.step()
         step += 1
         micro, accum_loss = 0, 0.0
         dt = time.perf_counter() - t0
