@@ -66,9 +66,10 @@ def test_smoke_generation_with_the_default_reference(pipe):
 def test_follows_its_references_better_than_the_shuffled_control(pipe, tmp_path):
     """48 unseen evaluation cases (12 per reference kind) at the model's default settings.
 
-    Measured with the shipped round-2 weights (2026-11-21, two CPU threads): colour recall 0.60 against 0.21
-    for the shuffled control, recall 0.25 against 0.07 (on the 200 cases of docs/toy.md: 0.68 / 0.22 and
-    0.35 / 0.10). Random weights score 0. 24 cases were too few for the shape recall: their control drew 0.13.
+    Measured with the shipped round-2 weights (46000 steps, 2026-11-21, two CPU threads): colour recall 0.71
+    against 0.15 for the shuffled control, recall 0.33 against 0.07 (on the 200 cases of docs/toy.md: 0.75 /
+    0.23 and 0.39 / 0.10). Random weights score 0. 24 cases were too few for the shape recall: their control
+    drew 0.13.
     """
     cases = tmp_path / "cases"
     make_eval_cases(cases, 48, seed=97, cfg=WorldConfig(), progress=False)
@@ -79,7 +80,7 @@ def test_follows_its_references_better_than_the_shuffled_control(pipe, tmp_path)
     ]
     report = evaluate(records, videos)
     matched, control = report["matched"], report["control"]
-    assert matched["colour_recall"] >= 0.5, matched
-    assert matched["colour_recall"] >= control["colour_recall"] + 0.25, (matched, control)
-    assert matched["recall"] >= control["recall"] + 0.08, (matched, control)
+    assert matched["colour_recall"] >= 0.6, matched
+    assert matched["colour_recall"] >= control["colour_recall"] + 0.35, (matched, control)
+    assert matched["recall"] >= control["recall"] + 0.15, (matched, control)
     assert matched["leak_rate"] <= 0.05, matched
