@@ -283,21 +283,23 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
 
     lora = cfg.lora.rank > 0
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
-    full = get_model_state_dict(model, options=options)  # collective under FSDP
+
+    def gathered() -> dict[str, torch.Tensor]:
+        """The full state dict in its own storage: FSDP gathers into padded buffers, and on one process the
+        tensors alias the parameters (which the EMA swap restores afterwards)."""
+        return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}  # collective
+
+    full = gathered()
     full_ema = None
-    if ema is not None:  # cloned inside the swap: one process, the state dict aliases the parameters
+    if ema is not None:
         with ema.swapped_in():
-            full_ema = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
+            full_ema = gathered()
     final = output / "final"
 
-    def save_transformer(folder: Path, state: dict, owned: bool = False) -> None:
+    def save_transformer(folder: Path, state: dict) -> None:
         folder.mkdir()
         save_torch_state_dict(
-            # own storage (FSDP gathers into padded buffers)
-            state if owned else {k: v.detach().clone() for k, v in state.items()},
-            folder,
-            filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
-            max_shard_size="10GB",
+            state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
         )
         (folder / "config.json").write_text(json.dumps(_transformer_config(model), indent=2))
 
@@ -308,7 +310,7 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
             else:
                 save_transformer(tmp / "transformer", full)
                 if full_ema is not None:
-                    save_transformer(tmp / "transformer_ema", full_ema, owned=True)
+                    save_transformer(tmp / "transformer_ema", full_ema)
             (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     _barrier(rt)
     return final
