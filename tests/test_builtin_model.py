@@ -16,6 +16,7 @@ from kaleido_s2v.builtin import (
     builtin_model_dir,
     default_reference_image,
     load_builtin_pipeline,
+    size_multiple,
 )
 from kaleido_s2v.toy.evaluator import evaluate
 from kaleido_s2v.toy.world import WorldConfig, make_eval_cases, read_scenes
@@ -61,6 +62,16 @@ def test_smoke_generation_with_the_default_reference(pipe):
                       num_inference_steps=4)
     assert video.shape == (d["num_frames"], d["height"], d["width"], 3) and np.isfinite(video).all()
     assert video.std() > 0.05  # an image, not a flat colour
+
+
+def test_sizes_are_multiples_of_8_not_16(pipe):
+    """The stride-4 VAE × patch 2: 72×56 is a valid size for this model (not for the release), 68 is not."""
+    assert size_multiple(BUILTIN_WEIGHTS_DIR) == 8 and size_multiple(None) == 16
+    video = _generate(pipe, "The red striped circle moves to the left.", [default_reference_image()], 0,
+                      height=72, width=56, num_inference_steps=2)
+    assert video.shape[1:] == (72, 56, 3)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        _generate(pipe, "p", [default_reference_image()], 0, height=68, num_inference_steps=1)
 
 
 def test_follows_its_references_better_than_the_shuffled_control(pipe, tmp_path):

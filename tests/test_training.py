@@ -380,6 +380,28 @@ def test_cli_bad_inputs(tmp_path, tiny_dirs):
     assert not (tmp_path / "o" / "final").exists()
 
 
+def test_frame_size_follows_the_model(tmp_path, tiny_dirs):
+    """Height/width must be multiples of VAE stride × patch: 16 for a stride-8 VAE, 8 for the built-in stride 4."""
+    from kaleido_s2v.builtin import builtin_model_dir
+    from kaleido_s2v.cli import main
+    from kaleido_s2v.training.config import toy_cpu
+    from kaleido_s2v.training.trainer import check_frame_size
+
+    model, data = tiny_dirs
+    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"),
+                 "--height", "40", "--width", "32", "--max-steps", "1"]) == 2
+    assert not (tmp_path / "o").exists()
+    cfg = toy_cpu()
+    cfg.model.path, cfg.data.height, cfg.data.width = str(model), 48, 32
+    check_frame_size(cfg)
+    if builtin_model_dir() is not None:
+        cfg.model.path, cfg.data.height = str(builtin_model_dir()), 40
+        check_frame_size(cfg)
+        cfg.data.width = 36
+        with pytest.raises(UserInputError, match="multiples of 8"):
+            check_frame_size(cfg)
+
+
 def test_train_resume_is_exact(tmp_path, tiny_dirs, tiny_cache):
     """4 steps straight vs 2 steps + resume from checkpoint-2: the same losses and the same final weights."""
     from safetensors.torch import load_file

@@ -46,6 +46,21 @@ def generation_defaults(model_dir: str | Path | None) -> dict[str, Any]:
     return {k: data[k] for k in GENERATION_DEFAULT_KEYS if k in data}
 
 
+def size_multiple(model_dir: str | Path | None) -> int:
+    """What video height and width must be multiples of: the VAE's spatial stride × the transformer's patch.
+
+    16 for the release (8 × 2) and the random-weight stand-in, 8 for the built-in model (stride-4 VAE).
+    """
+    if model_dir is None:
+        return 16
+
+    def config(sub: str) -> dict:
+        path = Path(model_dir) / sub / "config.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    return int(config("vae").get("scale_factor_spatial", 8)) * int(config("transformer").get("patch_size", [1, 2, 2])[1])
+
+
 def builtin_generation_defaults() -> dict[str, Any]:
     """Sizes and steps to use with the built-in model (its `generation_defaults.json` over the tiny defaults)."""
     return {**TINY_GENERATION_DEFAULTS, **generation_defaults(builtin_model_dir())}

@@ -217,8 +217,12 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         max_references: int,
         callback_on_step_end_tensor_inputs=None,
     ) -> None:
-        if height % 16 != 0 or width % 16 != 0:
-            raise ValueError(f"`height` and `width` have to be divisible by 16 but are {height} and {width}.")
+        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        if height % multiple != 0 or width % multiple != 0:
+            raise ValueError(
+                f"`height` and `width` have to be divisible by {multiple} (VAE stride x patch size) but are {height}"
+                f" and {width}."
+            )
         if height <= 0 or width <= 0:
             raise ValueError(f"`height` and `width` must be positive but are {height} and {width}.")
         if num_inference_steps < 1:
@@ -357,7 +361,7 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 (height, width) with white padding and VAE-encoded alone. `None`/`[]` runs plain Wan
                 text-to-video (the release has no such path; the transformer computes exactly Wan's forward).
             negative_prompt: defaults to the release's (`KALEIDO_NEGATIVE_PROMPT`); used when guidance_scale > 1.
-            height, width: multiples of 16 (release: 512 × 896).
+            height, width: multiples of the VAE stride × patch size (16 for the release: 512 × 896).
             num_frames: 4k + 1 (others are rounded down with a warning, as WanPipeline does).
             num_inference_steps: steps of the official shift-7 grid.
             guidance_scale: CFG scale; both branches see the same references (text-only guidance).

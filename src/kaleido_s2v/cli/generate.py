@@ -185,10 +185,12 @@ def _check_case(case: Case, max_references: int, builtin: bool, where: str) -> C
     return case
 
 
-def _check_sizes(height: int, width: int, frames: int, steps: int) -> None:
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
+def _check_sizes(height: int, width: int, frames: int, steps: int, multiple: int = 16) -> None:
+    """`multiple`: the model's VAE stride × patch size (`builtin.size_multiple`)."""
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
         raise UserInputError(
-            f"--height {height} / --width {width}: both must be positive multiples of 16 (e.g. 512x896)"
+            f"--height {height} / --width {width}: both must be positive multiples of {multiple} for this model "
+            f"(VAE stride x patch size{'; e.g. 512x896' if multiple == 16 else ''})"
         )
     if frames < 1 or (frames - 1) % 4:
         lo = max(1, (frames - 1) // 4 * 4 + 1)
@@ -333,7 +335,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--max-references {args.max_references}: must be at least 1")
 
     # 1. Settings: flags > the model's generation_defaults.json > the release's
-    from kaleido_s2v.builtin import builtin_generation_defaults, builtin_model_description, generation_defaults
+    from kaleido_s2v.builtin import (
+        builtin_generation_defaults,
+        builtin_model_description,
+        builtin_model_dir,
+        generation_defaults,
+        size_multiple,
+    )
 
     defaults = {**OFFICIAL_DEFAULTS, **(builtin_generation_defaults() if builtin else generation_defaults(model_dir))}
     settings = dict(
@@ -347,7 +355,8 @@ def run(args: argparse.Namespace) -> int:
     fps = args.fps or defaults["fps"]
     if fps < 1:
         raise UserInputError(f"--fps {fps}: must be at least 1")
-    _check_sizes(settings["height"], settings["width"], settings["num_frames"], settings["num_inference_steps"])
+    _check_sizes(settings["height"], settings["width"], settings["num_frames"], settings["num_inference_steps"],
+                 size_multiple(builtin_model_dir() if builtin else model_dir))
     if args.cpu_offload and args.group_offload:
         raise UserInputError("--cpu-offload and --group-offload exclude each other: pick one")
 

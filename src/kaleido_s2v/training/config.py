@@ -91,8 +91,8 @@ class TrainConfig:
         d, r = self.data, self.run
         if (d.num_frames - 1) % 4:
             raise UserInputError(f"--num-frames {d.num_frames} is not 4k+1 (the VAE's temporal stride): use e.g. 81")
-        if d.height % 16 or d.width % 16:
-            raise UserInputError(f"--height/--width {d.height}x{d.width} must be multiples of 16 (VAE 8 x patch 2)")
+        if d.height <= 0 or d.width <= 0:
+            raise UserInputError(f"--height/--width {d.height}x{d.width} must be positive")
         for name, p in (("text_dropout", d.text_dropout), ("reference_dropout", d.reference_dropout)):
             if not 0.0 <= p <= 1.0:
                 raise UserInputError(f"data.{name} = {p} is not a probability in [0, 1]")

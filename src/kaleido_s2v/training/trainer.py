@@ -59,6 +59,17 @@ def check_model_dir(path: str | os.PathLike, need_transformer: bool = True) -> P
     return root
 
 
+def check_frame_size(cfg: TrainConfig) -> None:
+    """Height and width must be multiples of the model's VAE stride × patch size (16 for the release)."""
+    from ..builtin import size_multiple
+
+    d, multiple = cfg.data, size_multiple(check_model_dir(cfg.model.path, need_transformer=False))
+    if d.height % multiple or d.width % multiple:
+        raise UserInputError(
+            f"--height/--width {d.height}x{d.width} must be multiples of {multiple} for this model (VAE stride x patch)"
+        )
+
+
 def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
     """Tokenizer, text encoder and VAE (frozen, eval). The VAE stays fp32."""
     from diffusers import AutoencoderKLWan
@@ -373,6 +384,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     from .data import StepBatchSampler
 
     cfg.validate()
+    check_frame_size(cfg)
     if not cfg.run.output:
         raise UserInputError("--output is required: give a folder for checkpoints, metrics and the final weights")
     rt = init_runtime(cfg.parallel.cp_degree)
@@ -510,6 +522,7 @@ def build_cache(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     if not cfg.data.cache_dir:
         raise UserInputError("--build-cache needs --cache-dir: the folder to write the latents to")
+    check_frame_size(cfg)
     rt = init_runtime(1)
     d = cfg.data
     cache = Path(d.cache_dir)
