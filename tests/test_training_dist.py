@@ -52,18 +52,30 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path, dirs):
     from kaleido_s2v.training.trainer import load_transformer, train
 
     model, data = dirs
-    # 2 samples per rank with 1-3 references each: one forward per sample on every rank (equal collectives)
-    # with an EMA of the weights (each rank averages its shards)
-    torchrun(2, *common(model, data, tmp_path / "fsdp", 3), "--batch-size", "2", "--ema-decay", "0.5")
+    # 2 samples per rank from clips with 1, 2, 3 references; with seed 3 rank 0 draws reference counts that need
+    # 2, 2, 1 forwards and rank 1 1, 2, 2: where they differ every sample runs alone on both ranks (equal
+    # collectives), so rank 0 logs 2 forwards in step 3. With an EMA of the weights (each rank averages its shards)
+    torchrun(2, *common(model, data, tmp_path / "fsdp", 3), "--batch-size", "2", "--ema-decay", "0.5", "--seed", "3")
     cfg = toy_config(model, data, tmp_path / "one", max_steps=3, save_every=3, batch_size=4)
-    cfg.optim.ema_decay = 0.5
+    cfg.optim.ema_decay, cfg.run.seed = 0.5, 3
     train(cfg, progress=False)
 
     fsdp, one = read_metrics(tmp_path / "fsdp"), read_metrics(tmp_path / "one")
     assert [m["loss"] for m in fsdp] == pytest.approx([m["loss"] for m in one], rel=1e-5)
+    assert [m["forwards"] for m in fsdp] == [2, 2, 2]
     assert_same_weights(final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "one"))
     assert_same_weights(final_weights(tmp_path / "fsdp", "transformer_ema"),
                         final_weights(tmp_path / "one", "transformer_ema"))
+
+    # bucketed batches (one reference count per global batch): one forward per rank and step under FSDP too
+    torchrun(2, *common(model, data, tmp_path / "fsdp-b", 2), "--batch-size", "2", "--bucket-by-references")
+    cfg = toy_config(model, data, tmp_path / "one-b", max_steps=2, save_every=2, batch_size=4)
+    cfg.data.bucket_by_references = True
+    train(cfg, progress=False)
+    fsdp_b, one_b = read_metrics(tmp_path / "fsdp-b"), read_metrics(tmp_path / "one-b")
+    assert [m["forwards"] for m in fsdp_b] == [1, 1] and [m["forwards"] for m in one_b] == [1, 1]
+    assert [m["loss"] for m in fsdp_b] == pytest.approx([m["loss"] for m in one_b], rel=1e-5)
+    assert_same_weights(final_weights(tmp_path / "fsdp-b"), final_weights(tmp_path / "one-b"))
 
     # the sharded checkpoint (2 ranks) loads into a plain single-process model
     plain = load_transformer(model)

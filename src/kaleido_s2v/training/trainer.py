@@ -163,18 +163,28 @@ def encode_batch(items: list[dict], frozen: dict, cfg: TrainConfig, device) -> l
     return out
 
 
-def batch_loss(transformer, encoded: list[dict], shift: float, device, *, group: bool = True) -> torch.Tensor:
-    """Mean flow-matching loss of a micro-batch.
+def forward_groups(encoded: list[dict], distributed: bool, device) -> list[list[dict]]:
+    """The micro-batch split into forwards: samples with the same reference shapes run as one.
 
-    With `group`, samples with the same reference shapes run as one forward. Under FSDP every rank must run
-    the same number of forwards (each one all-gathers the weights), so there each sample runs alone.
+    Under FSDP every rank must run the same number of forwards (each one all-gathers the weights). Bucketed
+    batches (`bucket_by_references`) give every rank one group; otherwise, when the ranks' group counts differ,
+    each sample runs alone (every rank has `batch_size` samples).
     """
     groups: dict[tuple, list[dict]] = {}
-    for i, e in enumerate(encoded):
-        key = tuple(tuple(r.shape) for r in e["ref_latents"]) if group else i
-        groups.setdefault(key, []).append(e)
-    total = 0.0
-    for members in groups.values():
+    for e in encoded:
+        groups.setdefault(tuple(tuple(r.shape) for r in e["ref_latents"]), []).append(e)
+    if distributed:
+        counts = torch.tensor([len(groups), -len(groups)], device=device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        if counts[0] != -counts[1]:
+            return [[e] for e in encoded]
+    return list(groups.values())
+
+
+def batch_loss(transformer, groups: list[list[dict]], shift: float, device) -> torch.Tensor:
+    """Mean flow-matching loss of a micro-batch, one forward per group (`forward_groups`)."""
+    total, count = 0.0, 0
+    for members in groups:
         noises, sigmas = [], []
         for e in members:  # noise and σ from the sample's slot, so any process layout draws the same
             noise, sigma = sample_noise_and_sigma(e["latents"], shift, slot_generator(e["slot"].seed, e["slot"].step,
@@ -186,8 +196,8 @@ def batch_loss(transformer, encoded: list[dict], shift: float, device, *, group:
         refs = [torch.stack([e["ref_latents"][j] for e in members]) for j in range(len(members[0]["ref_latents"]))]
         loss = flow_matching_loss(transformer, x0, torch.stack(noises).to(device), torch.stack(sigmas).to(device),
                                   text, refs)
-        total = total + loss * len(members)
-    return total / len(encoded)
+        total, count = total + loss * len(members), count + len(members)
+    return total / count
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -450,15 +460,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                dynamic_ncols=True)
 
     step, micro, accum_loss, t0 = start_step, 0, 0.0, time.perf_counter()
-    skipped = 0
+    skipped = forwards = 0
     last = {}
     for items in loader:
         is_last_micro = micro == cfg.run.grad_accum - 1
         if rt.dims.distributed and cfg.run.grad_accum > 1:
             model.set_requires_gradient_sync(is_last_micro)
-        encoded = encode_batch(items, frozen, cfg, rt.device)
+        groups = forward_groups(encode_batch(items, frozen, cfg, rt.device), rt.dims.distributed, rt.device)
+        forwards += len(groups)
         with autocast:
-            loss = batch_loss(model, encoded, shift, rt.device, group=not rt.dims.distributed) / cfg.run.grad_accum
+            loss = batch_loss(model, groups, shift, rt.device) / cfg.run.grad_accum
         loss.backward()
         accum_loss += loss.detach()
         micro += 1
@@ -487,11 +498,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         if ema is not None:
             ema.step()
         step += 1
-        micro, accum_loss = 0, 0.0
         dt = time.perf_counter() - t0
         t0 = time.perf_counter()
         last = dict(step=step, loss=float(loss_value), lr=lr, grad_norm=float(grad_norm),
-                    samples_per_s=sampler.global_batch / dt if dt > 0 else 0.0, skipped=not finite)
+                    samples_per_s=sampler.global_batch / dt if dt > 0 else 0.0, skipped=not finite, forwards=forwards)
+        micro, accum_loss, forwards = 0, 0.0, 0
         metrics.log(last)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
