@@ -46,6 +46,16 @@ def generation_defaults(model_dir: str | Path | None) -> dict[str, Any]:
     return {k: data[k] for k in GENERATION_DEFAULT_KEYS if k in data}
 
 
+def _component_config(model_dir: str | Path, component: str) -> dict:
+    path = Path(model_dir) / component / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def vae_stride(model_dir: str | Path) -> int:
+    """The VAE's spatial stride: 8 for Wan2.1 and the release, 4 for the built-in model."""
+    return int(_component_config(model_dir, "vae").get("scale_factor_spatial", 8))
+
+
 def size_multiple(model_dir: str | Path | None) -> int:
     """What video height and width must be multiples of: the VAE's spatial stride × the transformer's patch.
 
@@ -53,12 +63,7 @@ def size_multiple(model_dir: str | Path | None) -> int:
     """
     if model_dir is None:
         return 16
-
-    def config(sub: str) -> dict:
-        path = Path(model_dir) / sub / "config.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-    return int(config("vae").get("scale_factor_spatial", 8)) * int(config("transformer").get("patch_size", [1, 2, 2])[1])
+    return vae_stride(model_dir) * int(_component_config(model_dir, "transformer").get("patch_size", [1, 2, 2])[1])
 
 
 def builtin_generation_defaults() -> dict[str, Any]:

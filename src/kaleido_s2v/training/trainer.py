@@ -175,7 +175,7 @@ def forward_groups(encoded: list[dict], distributed: bool, device) -> list[list[
         groups.setdefault(tuple(tuple(r.shape) for r in e["ref_latents"]), []).append(e)
     if distributed:
         counts = torch.tensor([len(groups), -len(groups)], device=device)
-        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)  # (max, −min) of the ranks' counts in one all-reduce
         if counts[0] != -counts[1]:
             return [[e] for e in encoded]
     return list(groups.values())
@@ -449,9 +449,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers,
         persistent_workers=False, prefetch_factor=2 if cfg.data.num_workers else None,
     )
-    from diffusers import AutoencoderKLWan
+    from ..builtin import vae_stride
 
-    stride = AutoencoderKLWan.load_config(check_model_dir(cfg.model.path), subfolder="vae").get("scale_factor_spatial", 8)
+    stride = vae_stride(cfg.model.path)
     lat_h, lat_w = cfg.data.height // stride, cfg.data.width // stride
     shift = resolution_shift(lat_h, lat_w, model.config.patch_size[1])
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=bf16 and not rt.dims.distributed)
