@@ -1,11 +1,13 @@
 """Training throughput and peak memory: the tiny CPU run, fp32 baseline vs gradient checkpointing vs bf16 vs
-batches bucketed by reference count.
+batches bucketed by reference count vs compiled blocks (`--compile`, fp32 and bf16).
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--size 96] [--frames 9]
+    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--size 96] [--frames 9] [--heads 4] [--ffn 512]
+        [--batch 4] [--bucketed]
 
 Each variant runs `kaleido_s2v.training.train` in its own process (so peak RSS is per variant) on the same
 synthetic data from a latent cache (no decoding in the loop; clips with 1, 2 or 3 references); samples/s is the median over the steps after
-the first two; activation memory is what autograd saves for backward in one forward (saved-tensor hooks);
+the first two (`--steps` ≥ 12 keeps the compiled variants' one-off compiles, one per reference count, out of
+the median); activation memory is what autograd saves for backward in one forward (saved-tensor hooks);
 the process peak RSS is printed too. Ratios are against the fp32 baseline measured in the same run.
 
 With a CUDA GPU, `--gpu` instead times one forward+backward of a bf16 KaleidoTransformer3DModel with the 14B
@@ -32,9 +34,13 @@ VARIANTS = {
     "fp32+checkpointing": dict(mixed_precision="fp32", gradient_checkpointing=True),
     "bf16 autocast": dict(mixed_precision="bf16", gradient_checkpointing=False),
     "fp32+bucketed": dict(mixed_precision="fp32", gradient_checkpointing=False, bucket_by_references=True),
+    "fp32+compile": dict(mixed_precision="fp32", gradient_checkpointing=False, compile=True),
+    "bf16+compile": dict(mixed_precision="bf16", gradient_checkpointing=False, compile=True),
 }
-BATCH = 4
-BENCH_MODEL = dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=512)
+
+
+def bench_model(args) -> dict:
+    return dict(num_layers=4, num_attention_heads=args.heads, attention_head_dim=32, ffn_dim=args.ffn)
 
 
 def _rss_mib() -> float:
@@ -52,10 +58,11 @@ def child(args) -> None:
     cfg.data.height = cfg.data.width = args.size
     cfg.data.num_frames = args.frames
     cfg.run.output = args.output
-    cfg.run.max_steps, cfg.run.save_every, cfg.run.batch_size, cfg.run.tensorboard = args.steps, 10**6, BATCH, False
-    cfg.data.bucket_by_references = variant.get("bucket_by_references", False)
+    cfg.run.max_steps, cfg.run.save_every, cfg.run.batch_size, cfg.run.tensorboard = args.steps, 10**6, args.batch, False
+    cfg.data.bucket_by_references = variant.get("bucket_by_references", args.bucketed)
     cfg.parallel.mixed_precision = variant["mixed_precision"]
     cfg.parallel.gradient_checkpointing = variant["gradient_checkpointing"]
+    cfg.parallel.compile = variant.get("compile", False)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -98,7 +105,7 @@ def saved_activation_mib(cfg) -> float:
     return sum(seen.values()) / 2**20
 
 
-def prepare(tmp: Path, size: int, frames: int) -> tuple[Path, Path, Path]:
+def prepare(tmp: Path, size: int, frames: int, model_kwargs: dict) -> tuple[Path, Path, Path]:
     import numpy as np
     from PIL import Image
 
@@ -108,7 +115,7 @@ def prepare(tmp: Path, size: int, frames: int) -> tuple[Path, Path, Path]:
     from kaleido_s2v.video_io import write_video
 
     model, data, cache = tmp / "model", tmp / "data", tmp / "cache"
-    for name, component in tiny_components(0, **BENCH_MODEL).items():
+    for name, component in tiny_components(0, **model_kwargs).items():
         component.save_pretrained(model / name)
     rng = np.random.default_rng(0)
     for i in range(12):
@@ -163,6 +170,10 @@ def main() -> None:
     p.add_argument("--size", type=int, default=96)
     p.add_argument("--frames", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4, help="attention heads of 32 dims (8: the 256-wide model)")
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--bucketed", action="store_true", help="every variant draws batches of one reference count")
     p.add_argument("--gpu", action="store_true", help="time the 14B architecture on a CUDA GPU")
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -176,21 +187,22 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, data, cache = prepare(tmp, args.size, args.frames)
+        model, data, cache = prepare(tmp, args.size, args.frames, bench_model(args))
         results = {}
         for name in VARIANTS:
             cmd = [sys.executable, __file__, "--variant", name, "--model", str(model), "--data", str(data),
                    "--cache", str(cache), "--output", str(tmp / name.replace(" ", "_").replace("+", "_")),
                    "--steps", str(args.steps), "--size", str(args.size), "--frames", str(args.frames),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--heads", str(args.heads), "--ffn", str(args.ffn),
+                   "--batch", str(args.batch), *(["--bucketed"] if args.bucketed else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"variant {name} failed:\n{proc.stderr[-3000:]}")
             out = proc.stdout.strip().splitlines()[-1]
             results[name] = json.loads(out)
     base = results["fp32"]
-    print(f"tiny CPU training ({BENCH_MODEL}, {args.size}x{args.size}, {args.frames} frames, 1-3 refs, batch {BATCH}, "
-          f"{args.threads} threads)")
+    print(f"tiny CPU training ({bench_model(args)}, {args.size}x{args.size}, {args.frames} frames, 1-3 refs, "
+          f"batch {args.batch}{', bucketed' if args.bucketed else ''}, {args.threads} threads)")
     print(f"{'variant':<22}{'samples/s':>10}{'ratio':>8}{'activations MiB':>17}{'ratio':>8}{'process peak MiB':>18}")
     for name, r in results.items():
         print(f"{name:<22}{r['samples_per_s']:>10.2f}{r['samples_per_s'] / base['samples_per_s']:>8.2f}"

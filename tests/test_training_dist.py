@@ -117,3 +117,19 @@ def test_fsdp2_resume_and_lora(tmp_path, dirs):
     a = load_file(tmp_path / "lora" / "final" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "lora1" / "final" / "pytorch_lora_weights.safetensors")
     assert_same_weights(a, b)
+
+
+@pytest.mark.slow
+def test_fsdp2_with_compile_matches_one_process(tmp_path, dirs):
+    """--compile before fully_shard (torchtitan's order): 2 ranks with compiled blocks = 1 eager process."""
+    from kaleido_s2v.training.trainer import train
+
+    model, data = dirs
+    torchrun(2, *common(model, data, tmp_path / "fsdp-c", 2), "--batch-size", "2", "--bucket-by-references",
+             "--compile")
+    cfg = toy_config(model, data, tmp_path / "one", max_steps=2, save_every=2, batch_size=4)
+    cfg.data.bucket_by_references = True
+    train(cfg, progress=False)
+    compiled, one = read_metrics(tmp_path / "fsdp-c"), read_metrics(tmp_path / "one")
+    assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in one], rel=1e-4)
+    assert_same_weights(final_weights(tmp_path / "fsdp-c"), final_weights(tmp_path / "one"), atol=1e-4)

@@ -39,6 +39,7 @@ FLAG_FIELDS = {
     "cp_degree": ("parallel", "cp_degree"),
     "gradient_checkpointing": ("parallel", "gradient_checkpointing"),
     "mixed_precision": ("parallel", "mixed_precision"),
+    "compile": ("parallel", "compile"),
     "lora_rank": ("lora", "rank"),
     "lora_alpha": ("lora", "alpha"),
     "output": ("run", "output"),
@@ -96,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ref-rope-offset", type=int, help="R-RoPE spatial offset (80)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--mixed-precision", choices=["bf16", "fp32"])
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each transformer block (faster steps after a one-off compile; "
+                        "needs a C++ compiler on CPU)")
     g.add_argument("--cp-degree", type=int, help="context-parallel group size under torchrun (1)")
     g = parser.add_argument_group("reporting")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")

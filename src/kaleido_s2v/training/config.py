@@ -55,6 +55,7 @@ class ParallelConfig:
     cp_degree: int = 1  # context-parallel (Ulysses) group size; the rest of the world is data parallel
     gradient_checkpointing: bool = False
     mixed_precision: str = "bf16"  # bf16 | fp32
+    compile: bool = False  # torch.compile each transformer block (torchtitan's per-block compile)
 
 
 @dataclass(kw_only=True)
@@ -111,6 +112,9 @@ class TrainConfig:
             raise UserInputError(f"--lora-rank {self.lora.rank} must be >= 0 (0 = full fine-tune)")
         if self.parallel.cp_degree < 1:
             raise UserInputError(f"--cp-degree {self.parallel.cp_degree} must be >= 1")
+        if self.parallel.compile and self.parallel.cp_degree > 1:
+            raise UserInputError("--compile with --cp-degree > 1 is not supported (diffusers' context-parallel "
+                                 "hooks): drop one of them")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from .objective import flow_matching_loss, resolution_shift, sample_noise_and_si
 from .parallelize import (
     Runtime,
     apply_activation_checkpointing,
+    apply_compile,
     apply_context_parallel,
     apply_fsdp,
     check_cp_divides,
@@ -409,7 +410,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         cfg.model.path, rt.device, torch.bfloat16 if bf16 and rt.device.type == "cuda" else torch.float32
     )
 
-    # model: LoRA first (peft wraps Linear layers), then checkpointing, context parallel, FSDP
+    # model: LoRA first (peft wraps Linear layers), then checkpointing, context parallel, compile, FSDP
     model, peft_config, full_state = build_model(cfg, rt)
     model.train()
     if not rt.dims.distributed:
@@ -419,6 +420,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if rt.cp_mesh is not None:
         check_cp_divides(rt.dims.cp, cfg.data.height, cfg.data.width, model.config.patch_size[1])
         apply_context_parallel(model, rt.cp_mesh)
+    if cfg.parallel.compile:
+        apply_compile(model)
     if rt.dims.distributed:
         apply_fsdp(model, rt.world_mesh, cfg.parallel.mixed_precision)
         materialize_from_rank0(model, full_state, rt.device)
