@@ -575,6 +575,18 @@ def test_compile_matches_eager(tmp_path, tiny_dirs, tiny_cache):
     assert not (tmp_path / "cp").exists()
 
 
+def test_compile_without_a_compiler_is_refused(tmp_path, tiny_dirs, monkeypatch, capsys):
+    from kaleido_s2v.cli import main
+
+    model, data = tiny_dirs
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"),
+                 "--height", "32", "--width", "32", "--compile"]) == 2
+    assert "needs a C++ compiler" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_lora_round_trip(tmp_path, tiny_dirs):
     """Train LoRA, export, load with KaleidoPipeline.load_lora_weights: equals the base with merged W + B·A."""
     from safetensors.torch import load_file

@@ -90,6 +90,16 @@ def apply_activation_checkpointing(model) -> None:
     model.enable_gradient_checkpointing()
 
 
+def check_compile_toolchain() -> None:
+    """On CPU, inductor builds C++ kernels: without a compiler the first step would fail deep inside it."""
+    import shutil
+
+    if not torch.cuda.is_available() and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++",
+                                                                             "clang++", "c++") if c):
+        raise UserInputError("--compile on CPU needs a C++ compiler (g++ or clang++, or $CXX): install one or "
+                             "drop --compile")
+
+
 def apply_compile(model) -> None:
     """`torch.compile` each transformer block in place (state-dict names unchanged), as torchtitan does:
     one small graph reused by every block compiles fast and fuses the elementwise work between matmuls."""

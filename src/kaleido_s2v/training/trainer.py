@@ -31,6 +31,7 @@ from .parallelize import (
     apply_compile,
     apply_context_parallel,
     apply_fsdp,
+    check_compile_toolchain,
     check_cp_divides,
     init_runtime,
 )
@@ -396,6 +397,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     cfg.validate()
     check_frame_size(cfg)
+    if cfg.parallel.compile:
+        check_compile_toolchain()
     if not cfg.run.output:
         raise UserInputError("--output is required: give a folder for checkpoints, metrics and the final weights")
     rt = init_runtime(cfg.parallel.cp_degree)
