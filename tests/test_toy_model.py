@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kaleido_s2v.errors import UserInputError
 from kaleido_s2v.toy.model import assemble, init_model, load_recipe, train_config, train_vae
@@ -75,6 +76,17 @@ def test_init_train_vae_config_and_assemble(recipe, tmp_path):
     assert not (out / "vae_training.json").exists()  # training logs stay with the model folder
     assert (out / "transformer" / "config.json").read_text() == (model / "transformer" / "config.json").read_text()
     assert (out / "vae" / "config.json").is_file() and (out / "generation_defaults.json").is_file()
+
+    # fp16 storage: half the bytes on disk, loads back as the fp32 model with fp16-rounded weights
+    half = assemble(model, model / "transformer", tmp_path / "weights16", transformer_dtype="fp16")
+    name = "diffusion_pytorch_model.safetensors"
+    full_w, half_w = load_file(out / "transformer" / name), load_file(half / "transformer" / name)
+    assert {v.dtype for v in half_w.values()} == {torch.float16}
+    assert (half / "transformer" / name).stat().st_size < 0.55 * (out / "transformer" / name).stat().st_size
+    loaded = KaleidoPipeline.from_pretrained(half).transformer.state_dict()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], full_w[k].half().float()) for k in full_w)
+    with pytest.raises(UserInputError, match="fp32 or fp16"):
+        assemble(model, model / "transformer", tmp_path / "bad", transformer_dtype="bf16")
 
 
 def test_trainer_reads_the_vae_stride(recipe, tmp_path, monkeypatch):

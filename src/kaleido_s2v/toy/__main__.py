@@ -143,7 +143,7 @@ def _generate(args) -> int:
 def _assemble(args) -> int:
     from .model import assemble
 
-    print(f"wrote {assemble(args.model, args.transformer, args.out)}")
+    print(f"wrote {assemble(args.model, args.transformer, args.out, transformer_dtype=args.transformer_dtype)}")
     return 0
 
 
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--transformer", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--transformer-dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="storage precision of the transformer's weights (fp16: half the bytes; loads as fp32)")
     p.set_defaults(func=_assemble)
     p = sub.add_parser("generate", help="generate <clip_id>.mp4 for every case of a make-eval folder with a model")
     p.add_argument("--model", required=True, help="a pipeline folder (e.g. from assemble)")

@@ -297,16 +297,29 @@ def train_config(recipe: dict, *, model: str, data: str, output: str) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
 
 
-def assemble(model_dir, transformer_dir, out) -> Path:
+def assemble(model_dir, transformer_dir, out, *, transformer_dtype: str = "fp32") -> Path:
     """Copy the model folder with the trained transformer (a trainer's `final/transformer`) into `out`, without
-    the training logs (`vae_training.json`, `text_training.json`)."""
+    the training logs (`vae_training.json`, `text_training.json`).
+
+    `transformer_dtype="fp16"` stores the transformer's weights in half precision (half the bytes, to fit the
+    package's size budget); diffusers loads them back into the fp32 model.
+    """
+    from safetensors.torch import load_file, save_file
+
     model_dir, transformer_dir, out = Path(model_dir), Path(transformer_dir), Path(out)
     if not (transformer_dir / "config.json").is_file():
         raise UserInputError(f"'{transformer_dir}/config.json' not found: give the run's final/transformer folder")
+    if transformer_dtype not in ("fp32", "fp16"):
+        raise UserInputError(f"--transformer-dtype {transformer_dtype!r}: choose fp32 or fp16")
     with atomic_path(out, is_dir=True) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*_training.json"))
         shutil.rmtree(tmp / "transformer")
         shutil.copytree(transformer_dir, tmp / "transformer")
+        if transformer_dtype == "fp16":
+            for path in (tmp / "transformer").glob("*.safetensors"):
+                weights = load_file(path)
+                save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, path,
+                          metadata={"format": "pt"})
     return out
 
 
