@@ -90,14 +90,21 @@ def apply_activation_checkpointing(model) -> None:
     model.enable_gradient_checkpointing()
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor will build CPU kernels with (its own search: $CXX or g++), or None."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
+
+
 def check_compile_toolchain() -> None:
     """On CPU, inductor builds C++ kernels: without a compiler the first step would fail deep inside it."""
-    import shutil
-
-    if not torch.cuda.is_available() and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++",
-                                                                             "clang++", "c++") if c):
-        raise UserInputError("--compile on CPU needs a C++ compiler (g++ or clang++, or $CXX): install one or "
-                             "drop --compile")
+    if not torch.cuda.is_available() and cpp_compiler() is None:
+        raise UserInputError("--compile on CPU needs a C++ compiler (g++, or set $CXX): install one or drop "
+                             "--compile")
 
 
 def apply_compile(model) -> None:
