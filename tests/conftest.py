@@ -28,3 +28,14 @@ def examples_dir() -> Path:
     if not EXAMPLES.is_dir():
         pytest.skip(f"test media not found at {EXAMPLES}")
     return EXAMPLES
+
+
+@pytest.fixture
+def cpp_compiler() -> str:
+    """The C++ compiler torch.compile's CPU kernels need (inductor's own search); skips when there is none."""
+    from kaleido_s2v.training.parallelize import cpp_compiler
+
+    compiler = cpp_compiler()
+    if compiler is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    return compiler

@@ -120,13 +120,10 @@ def test_fsdp2_resume_and_lora(tmp_path, dirs):
 
 
 @pytest.mark.slow
-def test_fsdp2_with_compile_matches_one_process(tmp_path, dirs):
+def test_fsdp2_with_compile_matches_one_process(tmp_path, dirs, cpp_compiler):
     """--compile before fully_shard (torchtitan's order): 2 ranks with compiled blocks = 1 eager process."""
-    from kaleido_s2v.training.parallelize import cpp_compiler
     from kaleido_s2v.training.trainer import train
 
-    if cpp_compiler() is None:
-        pytest.skip("torch.compile on CPU needs a C++ compiler")
     model, data = dirs
     torchrun(2, *common(model, data, tmp_path / "fsdp-c", 2), "--batch-size", "2", "--bucket-by-references",
              "--compile")
