@@ -16,6 +16,7 @@ from kaleido_s2v.toy.world import (
     REF_KINDS,
     WorldConfig,
     allocate_kinds,
+    eval_case,
     make_dataset,
     parse_mix,
     render_reference,
@@ -286,3 +287,21 @@ def test_no_colour_captions_leave_colours_to_the_references():
             assert _has(img, track.subject.colour)
     with pytest.raises(UserInputError, match="caption-style"):
         WorldConfig(caption_style="poetic")
+
+
+def test_mixed_captions_pick_a_style_per_clip_without_changing_the_scene():
+    full, bare = CFG, WorldConfig(caption_style="no-colour")
+    mixed = WorldConfig(caption_style="mixed")
+    styles = []
+    for i in range(40):
+        scene, text, frames, images, _ = training_clip(5, i, mixed, "segment")
+        ref_scene, ref_text, ref_frames, ref_images, _ = training_clip(5, i, full, "segment")
+        assert scene == ref_scene and np.array_equal(frames, ref_frames)  # the style has its own random stream
+        assert all(np.array_equal(a, b) for a, b in zip(images, ref_images))
+        bare_text = training_clip(5, i, bare, "segment")[1]
+        assert text in (ref_text, bare_text)
+        if ref_text != bare_text:
+            styles.append(text == bare_text)
+        assert training_clip(5, i, mixed, "segment")[1] == text  # deterministic per (seed, index)
+    assert 0.25 < np.mean(styles) < 0.75, styles  # both styles, about half each
+    assert eval_case(5, 0, mixed, "crop")[1] in (eval_case(5, 0, full, "crop")[1], eval_case(5, 0, bare, "crop")[1])

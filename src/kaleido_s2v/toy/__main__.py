@@ -21,8 +21,8 @@ def _world_args(p: argparse.ArgumentParser, default_mix: str) -> None:
     p.add_argument("--min-subjects", type=int, default=1)
     p.add_argument("--max-subjects", type=int, default=3)
     p.add_argument("--mix", default=default_mix, help=f"reference kinds crop:segment:crosspair:redux (default {default_mix})")
-    p.add_argument("--caption-style", default="full", choices=["full", "no-colour"],
-                   help="no-colour: captions leave subject colours to the references")
+    p.add_argument("--caption-style", default="full", choices=["full", "no-colour", "mixed"],
+                   help="no-colour: captions leave subject colours to the references; mixed: half of the clips each")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
 
 

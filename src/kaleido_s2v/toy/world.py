@@ -49,7 +49,7 @@ class WorldConfig:
     ref_size: int = 64
     character_prob: float = 0.25
     plain_prob: float = 0.4  # texture "plain"; the rest split evenly between the other textures
-    caption_style: str = "full"  # "no-colour": captions leave colours to the references (see captions.py)
+    caption_style: str = "full"  # "no-colour" leaves colours to the references, "mixed" half each (captions.py)
 
     def __post_init__(self):
         if self.height < 16 or self.width < 16:
@@ -297,7 +297,7 @@ def training_clip(seed: int, index: int, cfg: WorldConfig, kind: str):
     scene = sample_scene(rng, cfg)
     frames, _ = render_clip(scene)
     images, infos = make_references(scene, kind, rng, cfg.ref_size)
-    return scene, caption(scene, cfg.caption_style), frames, images, infos
+    return scene, caption(scene, cfg.caption_style, np.random.default_rng([seed, 2, index])), frames, images, infos
 
 
 def eval_case(seed: int, index: int, cfg: WorldConfig, kind: str):
@@ -307,7 +307,7 @@ def eval_case(seed: int, index: int, cfg: WorldConfig, kind: str):
     frames, _ = render_clip(scene)
     source = relayout(rng, scene, cfg) if kind == "crop" else None
     images, infos = make_references(scene, kind, rng, cfg.ref_size, crop_source=source)
-    return scene, caption(scene, cfg.caption_style), frames, images, infos
+    return scene, caption(scene, cfg.caption_style, np.random.default_rng([seed, 3, index])), frames, images, infos
 
 
 def _write(out, num: int, seed: int, cfg: WorldConfig, mix, make, video_dir: str, progress: bool) -> dict:
