@@ -74,6 +74,18 @@ def test_sizes_are_multiples_of_8_not_16(pipe):
         _generate(pipe, "p", [default_reference_image()], 0, height=68, num_inference_steps=1)
 
 
+def _score_eval_cases(pipe, cases, num, *, seed, cfg):
+    """Generate `num` fresh evaluation cases at the model's defaults; the evaluator's (matched, control) scores."""
+    make_eval_cases(cases, num, seed=seed, cfg=cfg, progress=False)
+    records = read_scenes(cases)
+    videos = [
+        (_generate(pipe, r["caption"], [cases / ref["path"] for ref in r["references"]], k) * 255).round().astype(np.uint8)
+        for k, r in enumerate(records)
+    ]
+    report = evaluate(records, videos)
+    return report["matched"], report["control"]
+
+
 def test_follows_its_references_better_than_the_shuffled_control(pipe, tmp_path):
     """48 unseen evaluation cases (12 per reference kind) at the model's default settings.
 
@@ -82,16 +94,21 @@ def test_follows_its_references_better_than_the_shuffled_control(pipe, tmp_path)
     0.23 and 0.39 / 0.10). Random weights score 0. 24 cases were too few for the shape recall: their control
     drew 0.13.
     """
-    cases = tmp_path / "cases"
-    make_eval_cases(cases, 48, seed=97, cfg=WorldConfig(), progress=False)
-    records = read_scenes(cases)
-    videos = [
-        (_generate(pipe, r["caption"], [cases / ref["path"] for ref in r["references"]], k) * 255).round().astype(np.uint8)
-        for k, r in enumerate(records)
-    ]
-    report = evaluate(records, videos)
-    matched, control = report["matched"], report["control"]
+    matched, control = _score_eval_cases(pipe, tmp_path / "cases", 48, seed=97, cfg=WorldConfig())
     assert matched["colour_recall"] >= 0.6, matched
     assert matched["colour_recall"] >= control["colour_recall"] + 0.35, (matched, control)
     assert matched["recall"] >= control["recall"] + 0.15, (matched, control)
     assert matched["leak_rate"] <= 0.05, matched
+
+
+def test_takes_colours_from_its_references_when_the_caption_has_none(pipe, tmp_path):
+    """24 unseen cases with colour-free captions ("The striped circle moves ..."): only the references say which
+    subject is which colour, so a model that draws from the caption alone scores at the control's level.
+
+    Measured (2026-11-21, two CPU threads): the shipped round-2 weights (46000 steps) colour recall 0.60 against
+    0.15 for the control; a caption-driven model (the wide transformer after 18000 steps on full captions only,
+    docs/toy.md) 0.42 against 0.17, which fails here.
+    """
+    matched, control = _score_eval_cases(pipe, tmp_path / "cases", 24, seed=98, cfg=WorldConfig(caption_style="no-colour"))
+    assert matched["colour_recall"] >= 0.5, matched
+    assert matched["colour_recall"] >= control["colour_recall"] + 0.3, (matched, control)
