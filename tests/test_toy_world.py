@@ -299,9 +299,8 @@ def test_mixed_captions_pick_a_style_per_clip_without_changing_the_scene():
         assert scene == ref_scene and np.array_equal(frames, ref_frames)  # the style has its own random stream
         assert all(np.array_equal(a, b) for a, b in zip(images, ref_images))
         bare_text = training_clip(5, i, bare, "segment")[1]
-        assert text in (ref_text, bare_text)
-        if ref_text != bare_text:
-            styles.append(text == bare_text)
+        assert ref_text != bare_text and text in (ref_text, bare_text)
+        styles.append(text == bare_text)
         assert training_clip(5, i, mixed, "segment")[1] == text  # deterministic per (seed, index)
     assert 0.25 < np.mean(styles) < 0.75, styles  # both styles, about half each
     assert eval_case(5, 0, mixed, "crop")[1] in (eval_case(5, 0, full, "crop")[1], eval_case(5, 0, bare, "crop")[1])

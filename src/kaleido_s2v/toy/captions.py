@@ -4,28 +4,19 @@
 
 Style "no-colour" leaves the subjects' colours out ("The striped circle moves to the left while the square
 bounces ..."): only the references then say which subject is which colour, so a model must use them.
-Style "mixed" (training data) picks one of the two per clip, half and half: a model trained on full captions
-alone can draw every subject from the text and learns to ignore references that disagree with it.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
 from .catalogue import MOTIONS
 from .scene import Scene
 
-CAPTION_STYLES = ("full", "no-colour", "mixed")
+CAPTION_STYLES = ("full", "no-colour")
 
 
-def caption(scene: Scene, style: str = "full", rng: np.random.Generator | None = None) -> str:
-    """`rng` picks the style of a "mixed" caption (its own stream, so the scene does not depend on the style)."""
+def caption(scene: Scene, style: str = "full") -> str:
     if style not in CAPTION_STYLES:
         raise ValueError(f"caption style {style!r}: choose one of {CAPTION_STYLES}")
-    if style == "mixed":
-        if rng is None:
-            raise ValueError('caption style "mixed" needs an rng')
-        style = "no-colour" if rng.random() < 0.5 else "full"
     parts = [f"{t.subject.phrase(colours=style == 'full')} {MOTIONS[t.motion]}" for t in scene.tracks]
     if not parts:
         body = "nothing happens"

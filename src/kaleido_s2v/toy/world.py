@@ -49,15 +49,17 @@ class WorldConfig:
     ref_size: int = 64
     character_prob: float = 0.25
     plain_prob: float = 0.4  # texture "plain"; the rest split evenly between the other textures
-    caption_style: str = "full"  # "no-colour" leaves colours to the references, "mixed" half each (captions.py)
+    caption_style: str = "full"  # "no-colour" leaves colours to the references (captions.py); "mixed": `_caption`
 
     def __post_init__(self):
         if self.height < 16 or self.width < 16:
             raise UserInputError(f"frame size {self.height}x{self.width} is too small: use at least 16x16")
         if self.frames < 1:
             raise UserInputError(f"frames={self.frames}: give at least 1 frame")
-        if self.caption_style not in CAPTION_STYLES:
-            raise UserInputError(f"--caption-style {self.caption_style!r}: choose one of {', '.join(CAPTION_STYLES)}")
+        if self.caption_style not in (*CAPTION_STYLES, "mixed"):
+            raise UserInputError(
+                f"--caption-style {self.caption_style!r}: choose one of {', '.join(CAPTION_STYLES)}, mixed"
+            )
         if not 1 <= self.min_subjects <= self.max_subjects <= len(COLOURS) // 2:
             raise UserInputError(
                 f"subjects {self.min_subjects}..{self.max_subjects}: need 1 <= min <= max <= {len(COLOURS) // 2}"
@@ -291,13 +293,23 @@ def _jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def _caption(scene, cfg: WorldConfig, seed: int, stream: int, index: int) -> str:
+    """The clip's caption. Style "mixed" (training data) draws full or no-colour per clip, half and half, from
+    its own random stream, so the scene is that of "full": a model trained on full captions alone can draw
+    every subject from the text and learns to ignore references that disagree with it."""
+    style = cfg.caption_style
+    if style == "mixed":
+        style = "no-colour" if np.random.default_rng([seed, stream, index]).random() < 0.5 else "full"
+    return caption(scene, style)
+
+
 def training_clip(seed: int, index: int, cfg: WorldConfig, kind: str):
     """(scene, caption, frames (F,H,W,3) uint8, reference images, reference infos) of training clip `index`."""
     rng = np.random.default_rng([seed, 0, index])
     scene = sample_scene(rng, cfg)
     frames, _ = render_clip(scene)
     images, infos = make_references(scene, kind, rng, cfg.ref_size)
-    return scene, caption(scene, cfg.caption_style, np.random.default_rng([seed, 2, index])), frames, images, infos
+    return scene, _caption(scene, cfg, seed, 2, index), frames, images, infos
 
 
 def eval_case(seed: int, index: int, cfg: WorldConfig, kind: str):
@@ -307,7 +319,7 @@ def eval_case(seed: int, index: int, cfg: WorldConfig, kind: str):
     frames, _ = render_clip(scene)
     source = relayout(rng, scene, cfg) if kind == "crop" else None
     images, infos = make_references(scene, kind, rng, cfg.ref_size, crop_source=source)
-    return scene, caption(scene, cfg.caption_style, np.random.default_rng([seed, 3, index])), frames, images, infos
+    return scene, _caption(scene, cfg, seed, 3, index), frames, images, infos
 
 
 def _write(out, num: int, seed: int, cfg: WorldConfig, mix, make, video_dir: str, progress: bool) -> dict:
