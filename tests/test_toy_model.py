@@ -1,6 +1,7 @@
 """Making the built-in model: recipe -> pipeline folder, VAE training with latent statistics, trainer config, assembly."""
 
 import copy
+import shutil
 import json
 
 import pytest
@@ -141,3 +142,52 @@ def test_train_text_learns_the_captions(recipe, tmp_path):
     with pytest.raises(UserInputError, match="manifest.jsonl"):
         train_text(model, tmp_path / "nothing", r, progress=False)
     assert toy_main(["train-text", "--model", str(tmp_path / "none"), "--data", str(data), "--steps", "1"]) == 2
+
+
+def test_reproduce_runs_every_stage_then_only_what_is_missing(recipe, tmp_path):
+    """`reproduce` makes weights from the recipe end to end; a second call does nothing; a longer run resumes
+    from the last checkpoint (only the steps it lacks); a rebuilt model makes the cache and run stale."""
+    from kaleido_s2v.pipeline import KaleidoPipeline
+    from kaleido_s2v.toy.reproduce import STAGES, reproduce
+
+    r = copy.deepcopy(recipe)
+    r["data"].update(num=6, ref_size=32)
+    r["eval"].update(num=3)
+    r["text_training"].update(steps=2, batch_size=4)
+    r["train"]["data"].update(height=32, width=32, num_frames=5)
+    r["train"]["optim"].update(warmup_steps=0, decay_steps=0)
+    r["train"]["run"].update(max_steps=2, batch_size=2, save_every=1)
+    r["generation"].update(height=32, width=32, num_frames=5, num_inference_steps=2)
+    work, lines = tmp_path / "work", []
+
+    first = reproduce(work, r, progress=False, log=lines.append)
+    assert first["ran"] == list(STAGES)
+    assert first["matched"]["cases"] == 3 and set(first["control"]) >= {"recall", "colour_recall"}
+    assert json.loads((work / "report.json").read_text())["matched"] == first["matched"]
+    assert len(list((work / "videos").glob("*.mp4"))) == 3 and len(list((work / "cache").glob("toy*.pt"))) == 6
+    pipe = KaleidoPipeline.from_pretrained(first["weights"])
+    ema = load_file(work / "run" / "final" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(v, ema[k]) for k, v in pipe.transformer.state_dict().items())  # the EMA weights
+    assert not (work / "model.partial").exists() and (work / "model" / "text_training.json").is_file()
+    weights_file = work / "weights" / "transformer" / "diffusion_pytorch_model.safetensors"
+    stamp = weights_file.stat().st_mtime_ns
+
+    lines.clear()
+    assert reproduce(work, r, progress=False, log=lines.append)["ran"] == []
+    assert lines == [f"reproduce: {s}: done (skipped)" for s in STAGES]
+    assert weights_file.stat().st_mtime_ns == stamp
+
+    def written(path):
+        return (work / path).stat().st_mtime_ns
+
+    r["train"]["run"]["max_steps"] = 3  # a longer run: resumes at step 2, not from scratch
+    ckpt2, cached = written("run/checkpoint-2/trainer_state.json"), written("cache/toy000000.pt")
+    assert reproduce(work, r, progress=False, log=lines.append)["ran"] == ["run", "weights", "eval"]
+    steps = [json.loads(line)["step"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and (work / "run" / "checkpoint-3").is_dir()
+    assert written("run/checkpoint-2/trainer_state.json") == ckpt2 and written("cache/toy000000.pt") == cached
+    assert not torch.equal(load_file(weights_file)[next(iter(ema))], ema[next(iter(ema))])
+
+    shutil.rmtree(work / "model")  # a new model: its cache and run are stale and are made again
+    assert reproduce(work, r, progress=False, log=lines.append)["ran"] == list(STAGES[1:])
+    assert written("cache/toy000000.pt") != cached and written("run/checkpoint-2/trainer_state.json") != ckpt2

@@ -147,6 +147,25 @@ def _assemble(args) -> int:
     return 0
 
 
+def _reproduce(args) -> int:
+    import logging
+
+    from .model import load_recipe
+    from .reproduce import reproduce
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    s = reproduce(args.work, load_recipe(args.recipe), progress=not args.json,
+                  log=(lambda msg: print(msg, file=sys.stderr)) if args.json else print)
+    if args.json:
+        print(json.dumps(s))
+    else:
+        m, c = s["matched"], s["control"]
+        scores = ", ".join(f"{k} {'-' if m[k] is None else f'{m[k]:.2f}'}" for k in ("recall", "colour_recall", "motion", "leak_rate"))
+        print(f"weights in {s['weights']}; {m['cases']} eval cases: {scores} "
+              f"(shuffled control: recall {c['recall']:.2f}, colour_recall {c['colour_recall']:.2f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .world import EVAL_MIX, TRAIN_MIX
 
@@ -201,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformer-dtype", choices=["fp32", "fp16"], default="fp32",
                    help="storage precision of the transformer's weights (fp16: half the bytes; loads as fp32)")
     p.set_defaults(func=_assemble)
+    p = sub.add_parser("reproduce", help="every stage above in one call: data, model, cache, transformer, weights, "
+                       "evaluation (resumes: a second call only finishes what is missing)")
+    p.add_argument("--work", required=True, help="work folder (data/, model/, cache/, run/, weights/, report.json)")
+    p.add_argument("--recipe", default=None, help=recipe_help)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (stage lines go to stderr)")
+    p.set_defaults(func=_reproduce)
     p = sub.add_parser("generate", help="generate <clip_id>.mp4 for every case of a make-eval folder with a model")
     p.add_argument("--model", required=True, help="a pipeline folder (e.g. from assemble)")
     p.add_argument("--cases", required=True)

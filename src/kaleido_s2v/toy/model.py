@@ -80,6 +80,13 @@ def init_model(out, recipe: dict, seed: int | None = None) -> Path:
     return out
 
 
+def default_device() -> str:
+    """Where the toy's own loops run: the GPU when torch sees one (`CUDA_VISIBLE_DEVICES=` keeps the CPU)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _to_pixels(frames: np.ndarray):
     """(F, H, W, 3) uint8 -> (3, F, H, W) float in [-1, 1]."""
     import torch
@@ -140,7 +147,8 @@ def _reconstruction_loss(rec, x, subject_weight: float = 1.0):
     return err.mean()
 
 
-def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bool = True, device: str = "cpu") -> dict:
+def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bool = True,
+              device: str | None = None) -> dict:
     """Train the folder's VAE on the toy world (L1 + MSE reconstruction + small KL), then store latent stats.
 
     Training samples are random crops (`crop` px, `frames` frames: 1 + a multiple of the temporal stride) of
@@ -159,6 +167,7 @@ def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bo
         raise UserInputError(f"'{model_dir}/vae/config.json' not found: give a folder written by `init-model`")
     vt = recipe["vae_training"]
     steps = vt["steps"] if steps is None else steps
+    device = device or default_device()
     crop, frames, warmup = vt.get("crop", recipe["data"]["size"]), vt.get("frames", recipe["data"]["frames"]), vt.get("warmup_steps", 0)
     torch.set_flush_denormal(True)  # CPU: denormal floats are slow (suspected in a late-run slowdown of 1.6x)
     vae = AutoencoderKLWan.from_pretrained(model_dir, subfolder="vae").to(device).train()
@@ -210,7 +219,7 @@ def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bo
 
 
 def train_text(model_dir, data_dir, recipe: dict, *, steps: int | None = None, progress: bool = True,
-               device: str = "cpu") -> dict:
+               device: str | None = None) -> dict:
     """Teach the folder's UMT5 encoder the world's words: byte-level masked language modelling on the captions.
 
     A random encoder gives every caption nearly the same states, and the transformer (which, like the
@@ -233,6 +242,7 @@ def train_text(model_dir, data_dir, recipe: dict, *, steps: int | None = None, p
         raise UserInputError(f"--data '{data_dir}' has no captions: give the transformer's training data")
     tt = recipe["text_training"]
     steps = tt["steps"] if steps is None else steps
+    device = device or default_device()
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     encoder = UMT5EncoderModel.from_pretrained(model_dir / "text_encoder").to(device).train()
     torch.manual_seed(recipe.get("seed", 0) + 3)
@@ -325,7 +335,7 @@ def assemble(model_dir, transformer_dir, out, *, transformer_dtype: str = "fp32"
 
 def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, guidance: float | None = None,
                    seed: int = 0, limit: int | None = None, shuffle_refs: int | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, device: str | None = None) -> dict:
     """Generate `<clip_id>.mp4` for every evaluation case (its caption and reference images) with a model folder.
 
     With `shuffle_refs` (a seed), case k gets the references of another case (a seeded derangement): the
@@ -343,7 +353,7 @@ def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, g
     records = read_scenes(cases_dir)[:limit]
     ref_from = shuffled(len(records), shuffle_refs) if shuffle_refs is not None else list(range(len(records)))
     defaults = generation_defaults(model_dir)
-    pipe = KaleidoPipeline.from_pretrained(model_dir)
+    pipe = KaleidoPipeline.from_pretrained(model_dir).to(device or default_device())
     pipe.set_progress_bar_config(disable=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
