@@ -1,8 +1,8 @@
 """Making the built-in model: recipe -> pipeline folder, VAE training with latent statistics, trainer config, assembly."""
 
 import copy
-import shutil
 import json
+import shutil
 
 import pytest
 import torch
