@@ -2,7 +2,8 @@
 
 The stages are the commands of docs/toy.md ("Training the built-in model"), each leaving a folder in the work
 directory: `data` (make-data), `model` (init-model + train-vae + train-text), `cache` (the trainer's latent
-cache), `run` (the transformer, with the project's trainer), `weights` (assemble), `eval` (make-eval, generate,
+cache), `run` (the transformer, with the project's trainer), `weights` (assemble; the recipe's optional
+`assemble.transformer_dtype`), `eval` (make-eval, generate,
 evaluate -> `report.json`). A call runs the stages whose output is missing and every stage after the first one
 it runs (their inputs changed), so a second call only finishes what the first left: an unfinished transformer
 run resumes from its latest checkpoint. Each stage uses the GPU when torch sees one (`CUDA_VISIBLE_DEVICES=`
@@ -106,7 +107,8 @@ def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str],
         elif stage == "weights":
             final = work / "run" / "final"
             source = final / "transformer_ema" if (final / "transformer_ema").is_dir() else final / "transformer"
-            assemble(work / "model", source, work / "weights")
+            assemble(work / "model", source, work / "weights",
+                     transformer_dtype=recipe.get("assemble", {}).get("transformer_dtype", "fp32"))
         else:
             (work / "report.json").unlink(missing_ok=True)
             if not (work / "eval" / "scenes.jsonl").is_file():
