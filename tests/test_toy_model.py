@@ -192,3 +192,14 @@ def test_reproduce_runs_every_stage_then_only_what_is_missing(recipe, tmp_path):
     shutil.rmtree(work / "model")  # a new model: its cache and run are stale and are made again
     assert reproduce(work, r, progress=False, log=lines.append)["ran"] == list(STAGES[1:])
     assert written("cache/toy000000.pt") != cached and written("run/checkpoint-2/trainer_state.json") != ckpt2
+
+
+def test_reproduce_refuses_a_file_as_work_folder(tmp_path, capsys):
+    from kaleido_s2v.toy.__main__ import main as toy_main
+
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    assert toy_main(["reproduce", "--work", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err and f.read_text() == "mine"
+    assert toy_main(["reproduce", "--work", str(tmp_path / "w"), "--recipe", str(tmp_path / "none.yaml")]) == 2
+    assert not (tmp_path / "w").exists()

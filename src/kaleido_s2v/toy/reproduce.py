@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import UserInputError
 from ..fileio import write_text_atomic
 
 STAGES = ("data", "model", "cache", "run", "weights", "eval")
@@ -59,6 +60,8 @@ def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str],
     from .world import make_dataset, make_eval_cases, parse_mix
 
     work = Path(work)
+    if work.exists() and not work.is_dir():
+        raise UserInputError(f"--work '{work}' is a file: give a folder (made if missing) for the stages' outputs")
     work.mkdir(parents=True, exist_ok=True)
     device = default_device()
     d, e = recipe["data"], recipe["eval"]
