@@ -161,6 +161,9 @@ def test_reproduce_runs_every_stage_then_only_what_is_missing(recipe, tmp_path):
     r["assemble"] = {"transformer_dtype": "fp16"}
     work, lines = tmp_path / "work", []
 
+    def written(path):
+        return (work / path).stat().st_mtime_ns
+
     first = reproduce(work, r, progress=False, log=lines.append)
     assert first["ran"] == list(STAGES)
     assert first["matched"]["cases"] == 3 and set(first["control"]) >= {"recall", "colour_recall"}
@@ -171,15 +174,12 @@ def test_reproduce_runs_every_stage_then_only_what_is_missing(recipe, tmp_path):
     assert all(torch.equal(v, ema[k].half().float()) for k, v in pipe.transformer.state_dict().items())  # EMA, fp16
     assert not (work / "model.partial").exists() and (work / "model" / "text_training.json").is_file()
     weights_file = work / "weights" / "transformer" / "diffusion_pytorch_model.safetensors"
-    stamp = weights_file.stat().st_mtime_ns
+    stamp = written(weights_file)
 
     lines.clear()
     assert reproduce(work, r, progress=False, log=lines.append)["ran"] == []
     assert lines == [f"reproduce: {s}: done (skipped)" for s in STAGES]
-    assert weights_file.stat().st_mtime_ns == stamp
-
-    def written(path):
-        return (work / path).stat().st_mtime_ns
+    assert written(weights_file) == stamp
 
     r["train"]["run"]["max_steps"] = 3  # a longer run: resumes at step 2, not from scratch
     ckpt2, cached = written("run/checkpoint-2/trainer_state.json"), written("cache/toy000000.pt")
