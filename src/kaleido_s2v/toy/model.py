@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def world_config(recipe: dict, caption_style: str = "full"):
+    """The `WorldConfig` of the recipe's `data` block (what make-data is given)."""
+    from .world import WorldConfig
+
+    d = recipe["data"]
+    return WorldConfig(height=d["size"], width=d.get("width") or d["size"], frames=d["frames"], fps=d["fps"],
+                       ref_size=d.get("ref_size", 64), caption_style=caption_style)
+
+
 def _to_pixels(frames: np.ndarray):
     """(F, H, W, 3) uint8 -> (3, F, H, W) float in [-1, 1]."""
     import torch
@@ -99,11 +109,9 @@ def _render_pool(recipe: dict, first: int, num: int) -> tuple[list[np.ndarray], 
     from PIL import Image
 
     from ..references import fit_reference
-    from .world import REF_KINDS, WorldConfig, training_clip
+    from .world import REF_KINDS, training_clip
 
-    d = recipe["data"]
-    cfg = WorldConfig(height=d["size"], width=d.get("width") or d["size"], frames=d["frames"], fps=d["fps"],
-                      ref_size=d["size"])
+    cfg = replace(world_config(recipe), ref_size=recipe["data"]["size"])
     seed = recipe.get("seed", 0) + 7919  # not the training set's clips
     clips, refs = [], []
     for i in range(first, first + num):

@@ -24,14 +24,6 @@ from ..fileio import write_text_atomic
 STAGES = ("data", "model", "cache", "run", "weights", "eval")
 
 
-def _world(recipe: dict, caption_style: str):
-    from .world import WorldConfig
-
-    d = recipe["data"]
-    return WorldConfig(height=d["size"], width=d.get("width") or d["size"], frames=d["frames"], fps=d["fps"],
-                       ref_size=d.get("ref_size", 64), caption_style=caption_style)
-
-
 def _train_cfg(recipe: dict, work: Path):
     from ..training.config import load_config
     from .model import train_config
@@ -56,7 +48,7 @@ def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str],
     and which stages ran."""
     from ..training import trainer
     from .evaluator import evaluate_folder
-    from .model import assemble, default_device, generate_cases, init_model, train_text, train_vae
+    from .model import assemble, default_device, generate_cases, init_model, train_text, train_vae, world_config
     from .world import make_dataset, make_eval_cases, parse_mix
 
     work = Path(work)
@@ -86,7 +78,7 @@ def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str],
         log(f"reproduce: {stage}: running on {device}")
         if stage == "data":
             mix = parse_mix(d["mix"]) if isinstance(d["mix"], str) else tuple(d["mix"])
-            make_dataset(work / "data", d["num"], d["seed"], _world(recipe, d.get("caption_style", "full")), mix,
+            make_dataset(work / "data", d["num"], d["seed"], world_config(recipe, d.get("caption_style", "full")), mix,
                          progress=progress)
         elif stage == "model":
             partial = work / "model.partial"  # init + VAE + text encoder become `model` together, or not at all
@@ -115,9 +107,9 @@ def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str],
         else:
             (work / "report.json").unlink(missing_ok=True)
             if not (work / "eval" / "scenes.jsonl").is_file():
-                make_eval_cases(work / "eval", e["num"], e["seed"], _world(recipe, e.get("caption_style", "full")),
+                make_eval_cases(work / "eval", e["num"], e["seed"], world_config(recipe, e.get("caption_style", "full")),
                                 progress=progress)
-            generate_cases(work / "weights", work / "eval", work / "videos", progress=progress)
+            generate_cases(work / "weights", work / "eval", work / "videos", progress=progress, device=device)
             report = evaluate_folder(work / "eval", work / "videos")
             write_text_atomic(work / "report.json", json.dumps(report, indent=1) + "\n")
         ran.append(stage)
