@@ -56,3 +56,51 @@ def test_unreadable_and_contract(tmp_path):
     stage = build_stage("quality")
     clip = stage.process(_clip(bad))
     assert clip.reasons == ["unreadable"] and set(clip.fields) == set(stage.outputs())
+
+
+def test_every_example_clip_is_sharp_and_its_blurred_copy_blurry(examples_dir, tmp_path):
+    """The calibration of docs/curate.md: shallow depth of field is kept; Gaussian sigma 3 px at 512p is not."""
+    import cv2
+
+    from kaleido_s2v.video_io import read_video
+
+    stage = build_stage("quality", {"min_clip_s": 0.5})
+    videos = sorted(examples_dir.glob("case*/*.mp4"))
+    assert len(videos) >= 9
+    for v in videos:
+        frames = read_video(v, max_frames=32)[::8]  # the 4 frames the stage samples from the first 2 s at 2 fps
+        sigma = 3.0 * min(frames.shape[1:3]) / 512
+        blurred = write_video(tmp_path / f"{v.parent.name}.mp4",
+                              np.stack([cv2.GaussianBlur(f, (0, 0), sigma) for f in frames]), fps=2)
+        sharp, soft = stage.process(_clip(v, 2.0)), stage.process(_clip(blurred, 2.0))
+        s, b = sharp.fields["quality"]["sharpness"], soft.fields["quality"]["sharpness"]
+        assert "blurry" not in sharp.reasons and s > 2 * stage.min_sharpness, (v.parent.name, s)
+        assert "blurry" in soft.reasons and b < stage.min_sharpness / 2, (v.parent.name, b)
+
+
+def _shallow_focus(scale, amp=20.0, block=4):
+    """Grey 512*scale square: 4 px random blocks (at 512p), sharp in the top-left quarter, sigma-6 blur elsewhere."""
+    import cv2
+
+    tex = np.kron(np.random.default_rng(0).uniform(-amp, amp, (512 // block,) * 2), np.ones((block * scale,) * 2))
+    frame = cv2.GaussianBlur(tex, (0, 0), 6.0 * scale)
+    r = 256 * scale
+    frame[:r, :r] = tex[:r, :r]
+    return np.repeat(np.clip(frame + 128, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def test_sharp_subject_on_soft_background_is_kept_at_any_resolution(tmp_path):
+    import cv2
+
+    stage = build_stage("quality", {"min_clip_s": 0.1, "min_motion": 0.0})
+    scores = {}
+    for scale in (1, 2):
+        f = _shallow_focus(scale)
+        sharp = write_video(tmp_path / f"sharp{scale}.mp4", np.stack([f] * 3), fps=16)
+        soft = write_video(tmp_path / f"soft{scale}.mp4", np.stack([cv2.GaussianBlur(f, (0, 0), 3.0 * scale)] * 3),
+                           fps=16)
+        kept, blurred = stage.process(_clip(sharp, 3 / 16)), stage.process(_clip(soft, 3 / 16))
+        assert kept.status == "kept", kept.fields["quality"]
+        assert blurred.reasons == ["blurry"], blurred.fields["quality"]
+        scores[scale] = kept.fields["quality"]["sharpness"]
+    assert scores[2] == pytest.approx(scores[1], rel=0.1)  # 512 vs 1024 px: the same score within 10 %

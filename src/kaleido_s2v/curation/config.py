@@ -2,7 +2,7 @@
 
 ```yaml
 scenes:  {detector: adaptive, min_clip_s: 2.0}
-quality: {min_luma: 40, min_sharpness: 100}
+quality: {min_luma: 40, min_sharpness: 50}
 caption: {model: /models/Qwen2.5-VL-7B-Instruct, num_frames: 8}
 ground:  {model: /models/grounding-dino-base}
 export:  {mix: {crop: 1, segment: 5, inpaint: 3, redux: 1}}
