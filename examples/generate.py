@@ -20,7 +20,7 @@ args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 if args.model:
-    pipe = KaleidoPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16 if device == "cuda" else None)
+    pipe = KaleidoPipeline.from_pretrained(args.model, dtype=torch.bfloat16 if device == "cuda" else None)
     settings = {}  # the release's defaults: 512x896, 81 frames, 50 steps, CFG 6
 else:
     pipe = load_builtin_pipeline()

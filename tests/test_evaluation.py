@@ -271,7 +271,7 @@ def test_cli_errors_exit_2(small_run, tmp_path, capsys):
     err_line = [*args, "--cases", str(corrupt), "--metrics", "motion_smoothness"]
     assert main(err_line) == 2
     assert "corrupt.mp4" in capsys.readouterr().err
-    assert main([*err_line, "--keep-going", "--json"]) == 0
+    assert main([*err_line, "--keep-going", "--json"]) == 3  # done, but a case could not be scored
     scores = json.loads((tmp_path / "o" / "scores.json").read_text())
     assert "bad" in scores["errors"] and scores["per_case"]["bad"]["motion_smoothness"] is None
     assert scores["per_case"]["still"]["motion_smoothness"] is not None

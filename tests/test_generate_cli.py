@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from kaleido_s2v.cli import main
-from kaleido_s2v.cli.generate import _resolve_model_dir, apply_memory_options, parse_batch_file
+from kaleido_s2v.cli.generate import apply_memory_options, parse_batch_file
 from kaleido_s2v.errors import UserInputError
 from kaleido_s2v.pipeline import KALEIDO_NEGATIVE_PROMPT
 from kaleido_s2v.video_io import read_video
@@ -165,7 +165,7 @@ def test_batch_jsonl_and_keep_going(model_dir, images, tmp_path, capsys):
 
     rc, out = _generate(tmp_path, "--model", str(model_dir), "--batch", str(batch), "--out-dir", str(out_dir),
                         "--keep-going", "--json", *SMALL, capsys=capsys)
-    assert rc == 0 and f"{batch}:2" in out.err
+    assert rc == 3 and f"{batch}:2" in out.err  # 3: done, but lines were skipped
     summary = json.loads(out.out)
     assert len(summary["videos"]) == 2 and len(summary["skipped"]) == 1
     assert _files(out_dir) == ["case0003.json", "case0003.mp4", "first.json", "first.mp4"]
@@ -249,8 +249,10 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, model_dir, images, 
     assert _files(work) == [] and not (tmp_path / "o").exists()
 
 
-def test_resolve_model_dir_accepts_a_pipeline_folder(model_dir):
-    assert _resolve_model_dir(model_dir) == model_dir
+def test_resolve_model_folder_accepts_a_pipeline_folder(model_dir):
+    from kaleido_s2v.model_folder import resolve_model_folder
+
+    assert resolve_model_folder(model_dir) == model_dir
 
 
 def test_memory_options_on_cpu(model_dir, images):
@@ -284,8 +286,8 @@ def test_installed_console_script_reports_bad_input(tmp_path, images):
     )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        f"kaleido-s2v generate: error: --model '{tmp_path / 'missing'}' does not exist: give a diffusers-format "
-        "Kaleido folder (model_index.json + transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        f"kaleido-s2v generate: error: --model '{tmp_path / 'missing'}' does not exist: give a local diffusers-format "
+        "folder (model_index.json + transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
     ]
     assert not (tmp_path / "o.mp4").exists()
     help_ = subprocess.run([str(exe), "generate", "--help"], capture_output=True, text=True, env=env, timeout=120)

@@ -83,6 +83,7 @@ def test_video_tokens_equal_wan_rotary_bit_for_bit(grid):
     T, H, W = grid
     cos_w, sin_w = wan(torch.zeros(1, 16, T, 2 * H, 2 * W))
     cos_k, sin_k = KaleidoRotaryPosEmbed(128)(token_positions(grid))
+    # exact: the documented promise (same float64 angles and cos/sin, one rounding to fp32, same process)
     assert torch.equal(cos_w, cos_k) and torch.equal(sin_w, sin_k)
 
 

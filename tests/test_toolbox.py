@@ -28,7 +28,10 @@ def test_save_load_round_trip_keeps_the_r_rope_config(tmp_path):
     model.save_pretrained(tmp_path / "t")
     loaded = KaleidoTransformer3DModel.from_pretrained(tmp_path / "t").eval()
     assert loaded.config.ref_rope == "time_negative" and loaded.config.ref_rope_offset == 40
-    assert torch.equal(run(model, args, refs), run(loaded, args, refs))
+    # fp32, 2 blocks (reductions <= 256 long): the reloaded weights sit elsewhere in memory, so BLAS may sum in
+    # another order; measured <= 8e-7 on |x| <= 2.6 across ATen/oneDNN ISAs. The R-RoPE config not kept (variant
+    # or offset) moves the output by >= 6e-2, thousands of times this tolerance.
+    torch.testing.assert_close(run(model, args, refs), run(loaded, args, refs), rtol=1e-5, atol=1e-5)
     assert '"ref_rope": "time_negative"' in (tmp_path / "t" / "config.json").read_text()
 
 

@@ -85,6 +85,7 @@ def test_init_train_vae_config_and_assemble(recipe, tmp_path):
     assert {v.dtype for v in half_w.values()} == {torch.float16}
     assert (half / "transformer" / name).stat().st_size < 0.55 * (out / "transformer" / name).stat().st_size
     loaded = KaleidoPipeline.from_pretrained(half).transformer.state_dict()
+    # exact: fp32 -> fp16 -> fp32 casts are correctly rounded, the same on any machine
     assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], full_w[k].half().float()) for k in full_w)
     with pytest.raises(UserInputError, match="fp32 or fp16"):
         assemble(model, model / "transformer", tmp_path / "bad", transformer_dtype="bf16")
@@ -171,6 +172,7 @@ def test_reproduce_runs_every_stage_then_only_what_is_missing(recipe, tmp_path):
     assert len(list((work / "videos").glob("*.mp4"))) == 3 and len(list((work / "cache").glob("toy*.pt"))) == 6
     pipe = KaleidoPipeline.from_pretrained(first["weights"])
     ema = load_file(work / "run" / "final" / "transformer_ema" / "diffusion_pytorch_model.safetensors")
+    # exact: the assembled weights are the EMA cast to fp16 (and back on loading), no arithmetic
     assert all(torch.equal(v, ema[k].half().float()) for k, v in pipe.transformer.state_dict().items())  # EMA, fp16
     assert not (work / "model.partial").exists() and (work / "model" / "text_training.json").is_file()
     weights_file = work / "weights" / "transformer" / "diffusion_pytorch_model.safetensors"

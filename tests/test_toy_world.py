@@ -40,7 +40,7 @@ def test_same_seed_same_bytes_different_seed_differs():
     a = training_clip(7, 3, CFG, "segment")
     b = training_clip(7, 3, CFG, "segment")
     assert a[1] == b[1] and a[0] == b[0]
-    assert a[2].tobytes() == b[2].tobytes()
+    assert a[2].tobytes() == b[2].tobytes()  # exact: the same seeded numpy rendering, one process
     assert all(x.tobytes() == y.tobytes() for x, y in zip(a[3], b[3]))
     c = training_clip(8, 3, CFG, "segment")
     d = training_clip(7, 4, CFG, "segment")
@@ -51,7 +51,7 @@ def test_scene_json_round_trip():
     scene = sample_scene(np.random.default_rng(1), WorldConfig(width=96))
     again = Scene.from_dict(json.loads(json.dumps(scene.to_dict())))
     assert again == scene
-    assert np.array_equal(render_clip(again)[0], render_clip(scene)[0])
+    assert np.array_equal(render_clip(again)[0], render_clip(scene)[0])  # exact: JSON floats round-trip (repr)
 
 
 # --- captions agree with the scene ------------------------------------------------------------------------------
@@ -296,6 +296,7 @@ def test_mixed_captions_pick_a_style_per_clip_without_changing_the_scene():
     for i in range(40):
         scene, text, frames, images, _ = training_clip(5, i, mixed, "segment")
         ref_scene, ref_text, ref_frames, ref_images, _ = training_clip(5, i, full, "segment")
+        # exact: the same seeded scene rendered by the same numpy code in one process
         assert scene == ref_scene and np.array_equal(frames, ref_frames)  # the style has its own random stream
         assert all(np.array_equal(a, b) for a, b in zip(images, ref_images))
         bare_text = training_clip(5, i, bare, "segment")[1]

@@ -66,7 +66,7 @@ def test_no_references_is_wan():
         got = kal(x, t, text).sample
         got_empty_list = kal(x, t, text, reference_latents=[]).sample
     assert (expected - got).abs().max().item() <= 1e-5
-    assert torch.equal(got, got_empty_list)
+    assert torch.equal(got, got_empty_list)  # exact: None and [] are the same (empty) reference list in the code
 
 
 @pytest.mark.parametrize("variant", sorted(REF_ROPE_VARIANTS))
@@ -105,7 +105,7 @@ def test_tensor_and_list_references_agree_and_batch_one_broadcasts():
         a = kal(x, t, text, reference_latents=refs).sample
         b = kal(x, t, text, reference_latents=list(refs.split(1, dim=2))).sample
         c = kal(x, t, text, reference_latents=refs.expand(2, -1, -1, -1, -1)).sample
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # exact: the code splits a tensor into exactly these views, then one path
     assert (a - c).abs().max().item() <= 1e-6
 
 

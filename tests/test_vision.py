@@ -127,9 +127,14 @@ def test_sam_masks_match_full_forward(folders, frames):
                   return_tensors="pt")
     with torch.no_grad():
         o = model(**inputs, multimask_output=False)
-    masks = proc.image_processor.post_process_masks(o.pred_masks, inputs["original_sizes"],
-                                                    inputs["reshaped_input_sizes"])[0][:, 0].numpy()
-    np.testing.assert_array_equal(out[2][0], masks)
+    logits = proc.image_processor.post_process_masks(o.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"],
+                                                     binarize=False)[0][:, 0].numpy()
+    # masks are logits > 0; another model instance may sum in another order, so pixels within fp32 noise of the
+    # threshold may flip. Tolerance 1e-4 of the largest |logit| (the tiny model's logits are ~1e-6; measured noise
+    # <= 1e-5 of that across ISAs); such pixels are < 1 %, every other pixel must agree.
+    sure = np.abs(logits) > 1e-4 * np.abs(logits).max()
+    assert sure.mean() > 0.99
+    np.testing.assert_array_equal(out[2][0][sure], logits[sure] > 0)
     np.testing.assert_allclose(out[2][1], o.iou_scores[0, :, 0].numpy(), atol=1e-5)
 
 

@@ -3,7 +3,12 @@
 Public names are imported lazily so that `kaleido-s2v --help` and light tools stay fast.
 """
 
+import os
 from importlib import import_module
+
+# onnxruntime (pulled in by diffusers' loader whenever it is installed) reports telemetry to a Microsoft host
+# ~9 s after import unless this is set before that import; nothing in this package may touch the network.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 

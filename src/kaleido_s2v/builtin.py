@@ -76,7 +76,7 @@ def builtin_model_description() -> str:
     return str(model_dir) if model_dir is not None else "builtin:tiny-random"
 
 
-def load_builtin_pipeline(torch_dtype=None):
+def load_builtin_pipeline(dtype=None):
     """The built-in model as a `KaleidoPipeline`.
 
     The shipped trained folder when present; otherwise `KaleidoPipeline(**tiny_components(seed=0))` with a
@@ -86,7 +86,7 @@ def load_builtin_pipeline(torch_dtype=None):
 
     model_dir = builtin_model_dir()
     if model_dir is not None:
-        kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+        kwargs = {} if dtype is None else {"dtype": dtype}
         return KaleidoPipeline.from_pretrained(model_dir, **kwargs)
 
     from .tiny import tiny_components
@@ -96,8 +96,8 @@ def load_builtin_pipeline(torch_dtype=None):
         "so the video shows noise-like patterns, not your prompt. Pass --model DIR for a real model."
     )
     pipe = KaleidoPipeline(**tiny_components(seed=0))
-    if torch_dtype is not None and torch_dtype != pipe.transformer.dtype:
-        pipe.to(dtype=torch_dtype)
+    if dtype is not None and dtype != pipe.transformer.dtype:
+        pipe.to(dtype=dtype)
     return pipe
 
 

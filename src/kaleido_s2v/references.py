@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +14,46 @@ from .errors import UserInputError
 ReferenceImage = Image.Image | str | os.PathLike | np.ndarray
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB at the image's real range; transparent pixels composited onto white.
+
+    16-bit greyscale ("I;16", "I") is scaled to 8 bits (PIL's `convert("RGB")` clips it to white). Transparency
+    goes onto white, not black: the paper's segmented references are subjects on white (the release's
+    `convert("RGB")` drops alpha, which turns transparent pixels black — a deliberate difference, docs/generate.md).
+    """
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        im = Image.fromarray((np.clip(np.asarray(im, dtype=np.float64), 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_reference(image: ReferenceImage, name: str = "reference image") -> Image.Image:
-    """A PIL RGB image from a PIL image, a path, or an array (H, W, 3) uint8 / floats in [0, 1]."""
+    """A PIL RGB image from a PIL image, a path, or an array (H, W, 3 or 4) uint8 / floats in [0, 1].
+
+    Transparent pixels become white and 16-bit greyscale keeps its range (`_to_rgb`).
+    """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
+        if path.is_dir():
+            raise UserInputError(f"{name} '{path}' is a folder, not an image: give a PNG/JPEG/WebP file")
         if not path.is_file():
             raise UserInputError(f"{name} '{path}' does not exist: check the path")
         try:
-            with Image.open(path) as im:
-                im.load()
-                return im.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # below PIL's hard limit: fine
+                with Image.open(path) as im:
+                    im.load()
+                    return _to_rgb(im)
+        except Image.DecompressionBombError:
+            raise UserInputError(f"{name} '{path}' has more pixels than PIL's safety limit "
+                                 f"({2 * Image.MAX_IMAGE_PIXELS:,}): give a smaller image") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise UserInputError(f"{name} '{path}' is not a readable image ({e}): give a PNG/JPEG/WebP file") from e
     if isinstance(image, np.ndarray):
@@ -32,10 +61,10 @@ def load_reference(image: ReferenceImage, name: str = "reference image") -> Imag
         if arr.ndim == 2:
             arr = np.stack([arr] * 3, axis=-1)
         if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-            raise UserInputError(f"{name} array has shape {arr.shape}: give (H, W, 3) RGB")
+            raise UserInputError(f"{name} array has shape {arr.shape}: give (H, W, 3) RGB or (H, W, 4) RGBA")
         if arr.dtype != np.uint8:
             arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-        return Image.fromarray(arr[..., :3], "RGB")
+        return _to_rgb(Image.fromarray(np.ascontiguousarray(arr), "RGB" if arr.shape[-1] == 3 else "RGBA"))
     raise UserInputError(f"{name} has unsupported type {type(image).__name__}: give a PIL image, a path or an array")
 
 

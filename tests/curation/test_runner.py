@@ -1,5 +1,4 @@
 import json
-import time
 
 import numpy as np
 import pytest
@@ -35,11 +34,9 @@ def _by_source(clips):
     return out
 
 
-def test_scenes_quality_run_then_resume_without_redoing_work(inputs, tmp_path):
+def test_scenes_quality_run_then_resume_without_redoing_work(inputs, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    t0 = time.perf_counter()
     first = run_pipeline(inputs, out, ["scenes", "quality"], CFG)
-    t_first = time.perf_counter() - t0
     clips = _by_source(read_manifest(out / "manifest.jsonl"))
     concat = clips["concat_case3_case7_24.mp4"]
     assert [c.status for c in concat] == ["kept", "kept"] and abs(concat[1].start_s - N / 16) <= 2 / 16
@@ -57,13 +54,16 @@ def test_scenes_quality_run_then_resume_without_redoing_work(inputs, tmp_path):
     assert first.stats["scenes"].processed == 4 and first.stats["quality"].processed == 3
 
     manifest = (out / "manifest.jsonl").read_bytes()
-    t0 = time.perf_counter()
+    import kaleido_s2v.video_io as video_io
+
+    opened, real_open = [], video_io._open  # every decode and probe opens the file here
+    monkeypatch.setattr(video_io, "_open", lambda path: opened.append(path) or real_open(path))
     again = run_pipeline(inputs, out, ["scenes", "quality"], CFG)
-    t_again = time.perf_counter() - t0
+    monkeypatch.setattr(video_io, "_open", real_open)
     assert again.stats["scenes"].processed == 0 and again.stats["quality"].processed == 0
     assert again.stats["scenes"].cached == 4 and again.stats["quality"].cached == 3
     assert (out / "manifest.jsonl").read_bytes() == manifest  # idempotent
-    assert t_again < t_first / 3
+    assert opened == []  # no video decoded again (counted, not timed: a time ratio depends on the machine's load)
 
     # new quality settings: only quality runs again, and its old reasons are withdrawn
     looser = {**CFG, "quality": {"min_clip_s": 1.0, "min_luma": 5.0, "min_sharpness": 0.0, "min_motion": 0.0}}

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from ..errors import UserInputError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, claim_folder
 from . import keymap
-from .layout import SourceLayout, detect_source, is_diffusers_pipeline
+from .layout import SourceLayout, detect_source
 from .shards import TORCH_DTYPES, LazyTensor, parse_size, write_shards
 
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUMMARY_FILE = "conversion_summary.json"
 PIPELINE_CLASS = "KaleidoPipeline"
+MADE_BY = "kaleido-s2v convert"
 SCHEDULER_SHIFT = 7.0  # the release samples with shift 7 (reference/kaleido-official.md §3)
 
 
@@ -243,11 +244,14 @@ def convert(
     src_format: str = "auto",
     progress: bool = True,
     t5_max_distance: int = 128,
+    overwrite: bool = False,
 ) -> dict:
     """Convert a release folder into a diffusers pipeline folder at `dst`; returns the summary dict.
 
     `only`: subset of transformer,vae,text_encoder,tokenizer (default all). `dtype`: keep|bf16|fp16|fp32.
     `t5_max_distance`: umT5's relative_attention_max_distance (Wan's T5 uses 128; not stored in the weights).
+    `dst` must be new, empty, or a folder an earlier conversion wrote (and nothing else since); `overwrite`
+    replaces any folder.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -261,10 +265,11 @@ def convert(
     layout = src if isinstance(src, SourceLayout) else detect_source(src, only=only, src_format=src_format)
     components = layout.components
     dst = Path(dst).expanduser()
-    if dst.exists() and not (is_diffusers_pipeline(dst) or (dst.is_dir() and not any(dst.iterdir()))):
-        raise UserInputError(f"--dst {dst}: exists and is not a diffusers folder; choose a new or empty folder")
     if dst.resolve() == layout.root.resolve() or layout.root.resolve() in dst.resolve().parents:
         raise UserInputError(f"--dst {dst}: must be outside the source folder {layout.root}")
+    if dst.resolve() in layout.root.resolve().parents:
+        raise UserInputError(f"--dst {dst}: holds the source folder {layout.root}: choose a folder beside it")
+    claim_folder(dst, "--dst", MADE_BY, overwrite=overwrite, replace=True)
     torch_dtype = DTYPES[dtype]
 
     # 1. Plan every component before writing anything: all strictness errors come first.
@@ -290,7 +295,7 @@ def convert(
         "components": {},
     }
     index: dict[str, type] = {}
-    with atomic_path(dst, is_dir=True) as tmp:
+    with atomic_path(dst, is_dir=True, made_by=MADE_BY, overwrite=overwrite) as tmp:
         if "transformer" in plans:
             tensors, model, skipped = plans["transformer"]
             summary["components"]["transformer"] = write_component(

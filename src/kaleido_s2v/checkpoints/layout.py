@@ -104,6 +104,9 @@ def detect_source(src: str | os.PathLike, only=None, src_format: str = "auto", l
     `label` prefixes error messages (the CLI flag that named the folder)."""
     root = Path(src).expanduser()
     components = _parse_components(only)
+    if root.is_file():
+        raise UserInputError(f"{label}{root}: is a file; give the release folder that holds it "
+                             f"(e.g. {root.parent}), laid out as {OFFICIAL_TREE}")
     if not root.is_dir():
         raise UserInputError(f"{label}{root}: no such folder; expected an official Kaleido release ({OFFICIAL_TREE})")
     if (root / "latest").is_file() and (root.parent / OFFICIAL_LATEST).is_file():
@@ -179,7 +182,7 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kaleido-s2v" / "converted"
 
 
-def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache_dir=None) -> Path:
+def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache_dir=None, label: str = "") -> Path:
     """Return a diffusers pipeline folder for `path`.
 
     - a diffusers pipeline folder (has `model_index.json`) is returned as is;
@@ -187,22 +190,22 @@ def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache
       `<cache_dir>/<name>-<fingerprint>` when `auto_convert` (reused if already there; the cache root is
       `$KALEIDO_S2V_CACHE` or `~/.cache/kaleido-s2v/converted`), else `UserInputError` gives the exact
       `kaleido-s2v convert` command;
-    - anything else is a `UserInputError` naming what was expected.
+    - anything else is a `UserInputError` naming what was expected (`label`: the flag that named the folder).
     """
     root = Path(path).expanduser()
     if is_diffusers_pipeline(root):
         return root
     if not root.is_dir():
         raise UserInputError(
-            f"{root}: no such folder; expected a diffusers pipeline folder (with model_index.json) "
+            f"{label}{root}: no such folder; expected a diffusers pipeline folder (with model_index.json) "
             f"or an official Kaleido release ({OFFICIAL_TREE})"
         )
     if guess_format(root) is None:
         raise UserInputError(
-            f"{root}: not a model folder; expected a diffusers pipeline folder (with model_index.json), "
+            f"{label}{root}: not a model folder; expected a diffusers pipeline folder (with model_index.json), "
             f"an official Kaleido release ({OFFICIAL_TREE}) or a Wan2.1 release ({WAN_TREE})"
         )
-    layout = detect_source(root, label="")
+    layout = detect_source(root, label=label)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     dst = cache_root / f"{root.resolve().name}-{source_fingerprint(layout)}"
     if is_diffusers_pipeline(dst):

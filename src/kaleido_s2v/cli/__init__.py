@@ -1,14 +1,25 @@
 """`kaleido-s2v` command line: one module per subcommand, imported only when that subcommand runs.
 
 Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`, and keeps heavy imports
-inside `run` so that `--help` stays fast. `UserInputError` becomes one line on stderr and exit code 2.
+inside `run` so that `--help` stays fast; `IMPORTS` names the heavy libraries it needs (loaded up front, see
+`guarded`). Exit codes (docs/errors.md): 0 done, 2 bad input (one line on stderr, nothing written),
+3 done but some inputs were skipped (`--keep-going`), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+from collections.abc import Callable, Iterator
 from importlib import import_module
+from importlib.util import find_spec
+
+EXIT_BAD_INPUT = 2
+EXIT_SKIPPED = 3  # --keep-going skipped some inputs; what could be done was done
+EXIT_INTERRUPTED = 130
 
 # name -> (module, one-line help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,6 +30,51 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("kaleido_s2v.cli.evaluate", "score generated videos (S2V consistency, decoupling, quality, ...)"),
     "info": ("kaleido_s2v.cli.info", "print versions, devices and the available R-RoPE variants"),
 }
+# Libraries whose import runs C++ that calls back into Python (pybind11): a Ctrl-C landing inside it can abort
+# the process ("terminate called after throwing pybind11::error_already_set", exit 134) instead of raising.
+HEAVY_IMPORTS = ("torch", "diffusers", "transformers", "onnxruntime")
+
+
+@contextlib.contextmanager
+def deferred_sigint() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, then raise it as `KeyboardInterrupt` at a safe point."""
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
+def preload(modules) -> None:
+    """Import the heavy libraries a command needs (those installed) with Ctrl-C held back."""
+    with deferred_sigint():
+        for name in modules:
+            if find_spec(name) is not None:
+                import_module(name)
+
+
+def guarded(prog: str, run: Callable[[], int], imports=HEAVY_IMPORTS) -> int:
+    """Run a command the way every entry point does: offline, heavy imports first, errors as one line."""
+    from kaleido_s2v.errors import UserInputError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from local folders only: never the Hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        preload(imports)
+        return int(run() or 0)
+    except UserInputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -42,25 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser = _top_parser()
         args = parser.parse_args(argv[:1])  # prints help/version or an "invalid choice" error (exit 2)
-        if args.command is None:
-            parser.print_help()
-            return 0
+        if args.command is None:  # no subcommand: the usage, and the exit code of any other usage error
+            parser.print_help(sys.stderr)
+            return EXIT_BAD_INPUT
     name, rest = argv[0], argv[1:]
     module = import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"kaleido-s2v {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-
-    from kaleido_s2v.errors import UserInputError
-
-    try:
-        return int(module.run(args) or 0)
-    except UserInputError as e:
-        print(f"kaleido-s2v {name}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"kaleido-s2v {name}: interrupted", file=sys.stderr)
-        return 130
+    return guarded(f"kaleido-s2v {name}", lambda: module.run(args), getattr(module, "IMPORTS", HEAVY_IMPORTS))
 
 
 if __name__ == "__main__":

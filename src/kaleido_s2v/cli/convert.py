@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import add_dtype, add_overwrite, add_quiet
+
+IMPORTS = ("torch", "diffusers", "transformers")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
@@ -15,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "atomic output."
     )
     parser.add_argument("--src", required=True, help="the release folder")
-    parser.add_argument("--dst", required=True, help="output folder (created atomically; must be new or empty)")
+    parser.add_argument("--dst", required=True, help="output folder (written atomically): new, empty, or one an earlier "
+                        "convert wrote")
     parser.add_argument(
         "--src-format",
         choices=["auto", "official", "wan"],
@@ -29,12 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated subset of transformer,vae,text_encoder,tokenizer (default: all)",
     )
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument(
-        "--dtype",
-        choices=["keep", "bf16", "fp16", "fp32"],
-        default="keep",
-        help="weights dtype (default keep: the release's bf16)",
-    )
+    add_dtype(parser, ("keep", "bf16", "fp16", "fp32"), "keep", "weights dtype (default keep: the release's bf16)")
     parser.add_argument(
         "--attention-head-dim",
         type=int,
@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="load .pt/.pth files with full unpickling (can run code!); only for files from a source you trust",
     )
+    add_overwrite(parser, "--dst")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         trust_pickle=args.trust_pickle,
         src_format=args.src_format,
         progress=not args.quiet and not args.json,
+        overwrite=args.overwrite,
     )
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+from .options import add_overwrite, add_quiet
+
+IMPORTS = ("torch", "cv2")
+
 STAGE_HELP = "scenes,quality,caption,subjects,ground,segment,filter,face,crosspair,inpaint,redux,export"
 
 
@@ -24,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="Ray: parallel tasks / actors per stage")
     parser.add_argument("--no-clips", action="store_true", help="do not write OUTPUT/clips/<clip_id>.mp4")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite(parser, "--output")
+    add_quiet(parser)
 
 
 def run(args) -> int:
@@ -45,7 +50,8 @@ def run(args) -> int:
         executor = RayExecutor(address=args.ray_address, workers=args.workers or 1)
     try:
         result = run_pipeline(args.input, args.output, stages, config, executor=executor,
-                              progress=not args.quiet and not args.json, write_clips=not args.no_clips)
+                              progress=not args.quiet and not args.json, write_clips=not args.no_clips,
+                              overwrite=args.overwrite)
     finally:
         if executor is not None:
             executor.shutdown()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserInputError
+from .options import add_dtype, add_overwrite, add_quiet
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,14 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON object or JSON/YAML file overriding metric parameters, e.g. "
                              "'{\"s2v\": {\"box_threshold\": 0.3}, \"text_alignment\": {\"frames\": 8}}'")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="model weights dtype (VBench ran CLIP in float16 on GPU); default float32")
+    add_dtype(parser, ("fp32", "fp16", "bf16"), "fp32",
+              "model weights dtype (VBench ran CLIP in fp16 on GPU); default fp32")
     parser.add_argument("--batch-size", type=int, default=16, help="images per model forward (default 16)")
     parser.add_argument("--keep-going", action="store_true",
-                        help="record a missing/corrupt video or a failing metric in scores.json and continue "
-                             "(default: stop with exit code 2)")
+                        help="record a missing/corrupt video or a failing metric in scores.json and continue, "
+                             "exit code 3 if any was recorded (default: stop with exit code 2)")
+    add_overwrite(parser, "--output")
     parser.add_argument("--json", action="store_true", help="print the mean scores as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet(parser, "hide the progress bar")
 
 
 def _read_params(value: str | None) -> dict:
@@ -57,7 +59,9 @@ def _read_params(value: str | None) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate, read_cases, read_models
-    from ..vision.common import resolve_device
+    from ..vision.common import resolve_dtype
+    from . import EXIT_SKIPPED
+    from .options import parse_device
 
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -65,12 +69,10 @@ def run(args: argparse.Namespace) -> int:
     model_paths = read_models(args.models)
     cases = read_cases(args.cases, args.videos)
     params = _read_params(args.params)
-    device = str(resolve_device(args.device))
-    import torch
-
-    scores = evaluate(cases, model_paths, args.output, metrics=metrics, device=device, batch_size=args.batch_size,
-                      params=params, keep_going=args.keep_going, progress=not args.no_progress,
-                      dtype=getattr(torch, args.dtype))
+    device = parse_device(args.device)
+    scores = evaluate(cases, model_paths, args.output, metrics=metrics, device=str(device), batch_size=args.batch_size,
+                      params=params, keep_going=args.keep_going, progress=not args.quiet,
+                      dtype=resolve_dtype(args.dtype, device), overwrite=args.overwrite)
     summary = {"output": str(args.output), "cases": len(cases), "mean": scores["mean"],
                "errors": scores["errors"], "seconds_per_case": scores["run"]["seconds_per_case"]}
     if args.json:
@@ -79,4 +81,7 @@ def run(args: argparse.Namespace) -> int:
         for m, v in scores["mean"].items():
             print(f"{m:24} {'n/a' if v is None else f'{v:.4f}'}")
         print(f"wrote {args.output / 'scores.json'}, scores.csv, report.html")
-    return 0
+        if scores["errors"]:
+            print(f"{len(scores['errors'])} case(s) could not be scored (see scores.json 'errors'); "
+                  f"exit code {EXIT_SKIPPED}")
+    return EXIT_SKIPPED if scores["errors"] else 0

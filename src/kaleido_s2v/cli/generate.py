@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kaleido_s2v.cli.options import add_dtype, add_overwrite, add_quiet, check_at_least, check_seed
 from kaleido_s2v.errors import UserInputError
+from kaleido_s2v.fileio import claim_file, file_signed_by, path_text
 
 PROG = "kaleido-s2v generate"
+MADE_BY = PROG  # the signature in every sidecar: a video whose sidecar carries it may be replaced by a rerun
 # The release's sampling settings (reference/kaleido-official.md §3).
 OFFICIAL_DEFAULTS = dict(
     height=512, width=896, num_frames=81, num_inference_steps=50, guidance_scale=6.0, fps=16, max_sequence_length=512
 )
-PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_REFERENCE = "builtin:default-reference"
 
@@ -49,17 +51,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--batch", metavar="FILE", help="one case per line: prompt@@img1@@img2 (paths relative to FILE) "
                     "or JSONL {prompt, references, seed?, output?, negative_prompt?}")
     io.add_argument("--out-dir", metavar="DIR", help="output folder of --batch (default: <FILE stem>_videos/)")
-    io.add_argument("--keep-going", action="store_true", help="skip bad --batch lines instead of stopping")
+    io.add_argument("--keep-going", action="store_true",
+                    help="skip bad --batch lines instead of stopping (exit code 3 when any was skipped)")
     io.add_argument("--split-cases", action="store_true",
                     help="under torchrun: ranks share the --batch cases instead of sharding each video")
     io.add_argument("--max-references", type=int, default=4, help="refuse more references than this (default 4)")
     io.add_argument("--official-prompt-quirk", action="store_true",
                     help="encode the whole `prompt@@path1@@path2` line as the release's script did")
+    add_overwrite(io, "an existing output video or .json sidecar")
 
     s = parser.add_argument_group("sampling (defaults: the model's; the release's are 512x896, 81 frames, 50 steps)")
     s.add_argument("--height", type=int)
     s.add_argument("--width", type=int)
     s.add_argument("--frames", type=int, help="number of frames, 4k+1 (release: 81)")
+    s.add_argument("--num-frames", dest="frames", type=int, help=argparse.SUPPRESS)
     s.add_argument("--steps", type=int, help="denoising steps (release: 50)")
     s.add_argument("--guidance", type=float, help="CFG scale (release: 6)")
     s.add_argument("--seed", type=int, help="random seed (default: random, recorded in the sidecar)")
@@ -68,12 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = parser.add_argument_group("device and memory")
     d.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    d.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    add_dtype(d, ("auto", *DTYPES), "auto", "auto: bf16 on CUDA, fp32 on CPU")
     d.add_argument("--cpu-offload", action="store_true", help="model CPU offload (whole components move to GPU)")
     d.add_argument("--group-offload", action="store_true", help="block-level group offload (lowest GPU memory)")
     d.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles")
     d.add_argument("--layerwise-fp8", action="store_true", help="store transformer weights in fp8, compute in bf16")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    add_quiet(parser)
 
 
 # ---------------------------------------------------------------------------------------------------- cases
@@ -147,12 +153,13 @@ def _parse_jsonl_line(line: str) -> dict[str, Any]:
         refs = [refs]
     if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
         raise UserInputError("\"references\" must be a list of image paths")
-    seed = obj.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise UserInputError(f"\"seed\" must be an integer, got {seed!r}")
+    seed = check_seed(obj.get("seed"), '"seed"')
     output = obj.get("output")
-    if output is not None and (not isinstance(output, str) or not output.endswith(".mp4")):
-        raise UserInputError(f"\"output\" must be a file name ending in .mp4, got {output!r}")
+    if output is not None:
+        if not isinstance(output, str) or not output.endswith(".mp4"):
+            raise UserInputError(f"\"output\" must be a file name ending in .mp4, got {output!r}")
+        if Path(output).is_absolute() or ".." in Path(output).parts:
+            raise UserInputError(f"\"output\" {output!r} leaves --out-dir: give a name relative to it, without '..'")
     negative = obj.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise UserInputError("\"negative_prompt\" must be a string")
@@ -160,10 +167,26 @@ def _parse_jsonl_line(line: str) -> dict[str, Any]:
             "negative_prompt": negative}
 
 
-def _check_case(case: Case, max_references: int, builtin: bool, where: str) -> Case:
-    """Validate one case (prompt, reference files and count) and fill in the built-in default reference."""
+def _check_text(text: str | None, what: str) -> None:
+    """Text goes into the tokenizer and the JSON sidecar: it must be valid Unicode (argv may carry raw bytes)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserInputError(f"{what} is not valid UTF-8 text: write it in UTF-8") from None
+
+
+def _check_case(case: Case, max_references: int, builtin: bool, where: str, ref_flag: str) -> Case:
+    """Validate one case (prompt, reference files and count) and fill in the built-in default reference.
+
+    `where` names the case in messages ("--prompt" or "FILE:LINE"), `ref_flag` its references ("--ref" or
+    "FILE:LINE: reference").
+    """
     from kaleido_s2v.references import load_reference
 
+    _check_text(case.prompt, f"{where}: the prompt")
+    _check_text(case.negative_prompt, f"{where}: the negative prompt")
     if not case.prompt.strip():
         raise UserInputError(f"{where}: the prompt is empty: describe the video to generate")
     if not case.references:
@@ -174,14 +197,12 @@ def _check_case(case: Case, max_references: int, builtin: bool, where: str) -> C
         case.references, case.labels = [default_reference_image()], [DEFAULT_REFERENCE]
     if len(case.references) > max_references:
         raise UserInputError(
-            f"{where}: {len(case.references)} reference images, more than the limit {max_references}: give fewer "
+            f"{ref_flag}: {len(case.references)} reference images, more than the limit {max_references}: give fewer "
             "(the model was trained with at most 3) or raise --max-references"
         )
     for j, ref in enumerate(case.references):
-        if not isinstance(ref, (str, os.PathLike)):
-            continue
-        name = f"{where}: reference image {j + 1}" if where != "--prompt" else "--ref image"
-        load_reference(ref, name)  # raises UserInputError for missing / unreadable / corrupt files
+        if isinstance(ref, (str, os.PathLike)):
+            load_reference(ref, f"{ref_flag} image {j + 1}" if len(case.references) > 1 else f"{ref_flag} image")
     return case
 
 
@@ -197,49 +218,15 @@ def _check_sizes(height: int, width: int, frames: int, steps: int, multiple: int
         raise UserInputError(
             f"--frames {frames}: must be of the form 4k+1 (e.g. {lo} or {lo + 4}; the release uses 81)"
         )
-    if steps < 1:
-        raise UserInputError(f"--steps {steps}: must be at least 1 (the release uses 50)")
+    check_at_least(steps, "--steps", 1, "the release uses 50")
 
 
-def _resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False) -> Path:
-    """The diffusers pipeline folder for --model, or UserInputError naming the files expected where.
-
-    An official release folder is handed to `kaleido_s2v.checkpoints.resolve_model_dir` (converted with
-    --convert, else the error gives the exact `kaleido-s2v convert` command).
-    """
-    root = Path(path).expanduser()
-    expected = "model_index.json + " + ", ".join(f"{c}/" for c in PIPELINE_COMPONENTS)
-    if not root.exists():
-        raise UserInputError(f"--model '{root}' does not exist: give a diffusers-format Kaleido folder ({expected})")
-    if not root.is_dir():
-        raise UserInputError(f"--model '{root}' is a file: give a diffusers-format Kaleido folder ({expected})")
-    if not (root / "model_index.json").is_file():
-        from kaleido_s2v.checkpoints import resolve_model_dir  # official release folders, or a clear error
-
-        root = Path(resolve_model_dir(root, auto_convert=auto_convert))
-    try:
-        index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserInputError(f"--model '{root}': model_index.json is not valid JSON ({e}): re-save the pipeline") from e
-    missing = []
-    for name in PIPELINE_COMPONENTS:
-        sub = root / name
-        if not isinstance(index.get(name), list) or index[name][0] is None:
-            missing.append(f"'{name}' entry in model_index.json")
-        elif name == "scheduler":
-            if not (sub / "scheduler_config.json").is_file():
-                missing.append(f"{sub}/scheduler_config.json")
-        elif name == "tokenizer":
-            if not sub.is_dir() or not any(sub.iterdir()):
-                missing.append(f"{sub}/ (tokenizer files)")
-        else:
-            if not (sub / "config.json").is_file():
-                missing.append(f"{sub}/config.json")
-            if not sub.is_dir() or not any(sub.glob("*.safetensors")) and not any(sub.glob("*.bin")):
-                missing.append(f"{sub}/*.safetensors (weights)")
-    if missing:
-        raise UserInputError(f"--model '{root}' is incomplete: missing {', '.join(missing)}")
-    return root
+def claim_video(path: Path, flag: str, overwrite: bool, inputs) -> None:
+    """A video and its .json sidecar may be written: both new, a pair this command wrote, or --overwrite."""
+    sidecar = path.with_suffix(".json")
+    ours = file_signed_by(sidecar, MADE_BY)
+    claim_file(path, flag, overwrite=overwrite or ours, inputs=inputs)
+    claim_file(sidecar, f"{flag} sidecar", overwrite=overwrite, made_by=MADE_BY, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -271,27 +258,32 @@ def apply_memory_options(pipe, device, *, cpu_offload=False, group_offload=False
 
 # ---------------------------------------------------------------------------------------------------- run
 def _build_cases(args, builtin: bool) -> tuple[list[Case], list[str]]:
-    """All cases, validated; bad batch lines raise (or are skipped with --keep-going, returned as messages)."""
+    """All cases, validated, their outputs claimed; bad batch lines raise (or, with --keep-going, are skipped and
+    returned as messages)."""
     if args.batch is None:
         if args.prompt is None:
             raise UserInputError("give --prompt TEXT (and --ref IMAGE ...), or --batch FILE")
         if args.out_dir is not None:
             raise UserInputError("--out-dir applies to --batch; for one video give -o/--output FILE.mp4")
         if not str(args.output).endswith(".mp4"):
-            raise UserInputError(f"--output '{args.output}' must end in .mp4")
+            raise UserInputError(f"--output '{path_text(args.output)}' must end in .mp4")
         refs = list(args.ref)
-        case = Case(prompt=args.prompt, references=refs, labels=[str(Path(r).resolve()) for r in refs],
+        case = Case(prompt=args.prompt, references=refs, labels=[path_text(Path(r).resolve()) for r in refs],
                     output=Path(args.output), seed=args.seed, negative_prompt=args.negative_prompt)
         if args.official_prompt_quirk:
             from kaleido_s2v.pipeline import official_prompt
 
             case.encoded_prompt = official_prompt(args.prompt, refs)
-        return [_check_case(case, args.max_references, builtin, "--prompt")], []
+        _check_case(case, args.max_references, builtin, "--prompt", "--ref")
+        claim_video(case.output, "--output", args.overwrite, inputs=refs)
+        return [case], []
 
     if args.prompt is not None or args.ref:
         raise UserInputError("--batch FILE replaces --prompt/--ref: give one or the other")
     batch = Path(args.batch)
     out_dir = Path(args.out_dir) if args.out_dir else batch.with_name(f"{batch.stem}_videos")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"--out-dir '{path_text(out_dir)}' is a file: give a folder")
     cases, skipped, outputs = [], [], {}
     for line_no, fields in parse_batch_file(batch):
         try:
@@ -305,7 +297,7 @@ def _build_cases(args, builtin: bool) -> tuple[list[Case], list[str]]:
             case = Case(
                 prompt=fields["prompt"],
                 references=fields["references"],
-                labels=[str(Path(r)) for r in fields["references"]],
+                labels=[path_text(r) for r in fields["references"]],
                 output=output,
                 seed=fields.get("seed") if fields.get("seed") is not None else args.seed,
                 negative_prompt=fields.get("negative_prompt") or args.negative_prompt,
@@ -315,24 +307,59 @@ def _build_cases(args, builtin: bool) -> tuple[list[Case], list[str]]:
                 from kaleido_s2v.pipeline import official_prompt
 
                 case.encoded_prompt = fields.get("raw_line") or official_prompt(case.prompt, fields["labels"])
-            cases.append(_check_case(case, args.max_references, builtin, where))
+            _check_case(case, args.max_references, builtin, where, f"{where}: reference")
+            claim_video(output, f"{where}: output", args.overwrite, inputs=[batch, *case.references])
+            cases.append(case)
         except UserInputError as e:
             if not args.keep_going:
                 raise
             skipped.append(str(e))
             print(f"{PROG}: warning: {e} (skipped)", file=sys.stderr)
     if not cases:
-        raise UserInputError(f"--batch '{batch}': no valid case to generate")
+        raise UserInputError(f"--batch '{path_text(batch)}': no valid case to generate")
     return cases, skipped
 
 
+def _settings(args, defaults: dict, multiple: int) -> tuple[dict, int]:
+    """Sampling settings (flags over the model's defaults) and fps, every value checked; 0 is never "default"."""
+
+    def pick(flag_value, key):
+        return defaults[key] if flag_value is None else flag_value
+
+    settings = dict(
+        height=pick(args.height, "height"),
+        width=pick(args.width, "width"),
+        num_frames=pick(args.frames, "num_frames"),
+        num_inference_steps=pick(args.steps, "num_inference_steps"),
+        guidance_scale=pick(args.guidance, "guidance_scale"),
+        max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
+    )
+    fps = pick(args.fps, "fps")
+    check_at_least(fps, "--fps", 1)
+    check_at_least(settings["max_sequence_length"], "--max-sequence-length", 1, "the release uses 512")
+    check_at_least(settings["guidance_scale"], "--guidance", 0, "1 turns guidance off; the release uses 6")
+    _check_sizes(settings["height"], settings["width"], settings["num_frames"], settings["num_inference_steps"],
+                 multiple)
+    return settings, fps
+
+
 def run(args: argparse.Namespace) -> int:
+    from kaleido_s2v.cli import EXIT_SKIPPED
+    from kaleido_s2v.cli.options import parse_device
+
     builtin = args.model is None
     if builtin and args.convert:
         raise UserInputError("--convert needs --model DIR (an official release folder)")
-    model_dir = None if builtin else _resolve_model_dir(args.model, auto_convert=args.convert)
-    if args.max_references < 1:
-        raise UserInputError(f"--max-references {args.max_references}: must be at least 1")
+    check_at_least(args.max_references, "--max-references", 1)
+    check_seed(args.seed)
+    if args.cpu_offload and args.group_offload:
+        raise UserInputError("--cpu-offload and --group-offload exclude each other: pick one")
+    device = parse_device(args.device)
+    if (args.cpu_offload or args.group_offload) and device.type == "cpu":
+        raise UserInputError("--cpu-offload/--group-offload move weights to a GPU: they need a CUDA --device")
+    from kaleido_s2v.model_folder import resolve_model_folder
+
+    model_dir = None if builtin else resolve_model_folder(args.model, "--model", auto_convert=args.convert)
 
     # 1. Settings: flags > the model's generation_defaults.json > the release's
     from kaleido_s2v.builtin import (
@@ -344,23 +371,9 @@ def run(args: argparse.Namespace) -> int:
     )
 
     defaults = {**OFFICIAL_DEFAULTS, **(builtin_generation_defaults() if builtin else generation_defaults(model_dir))}
-    settings = dict(
-        height=args.height or defaults["height"],
-        width=args.width or defaults["width"],
-        num_frames=args.frames or defaults["num_frames"],
-        num_inference_steps=args.steps or defaults["num_inference_steps"],
-        guidance_scale=args.guidance if args.guidance is not None else defaults["guidance_scale"],
-        max_sequence_length=args.max_sequence_length or defaults["max_sequence_length"],
-    )
-    fps = args.fps or defaults["fps"]
-    if fps < 1:
-        raise UserInputError(f"--fps {fps}: must be at least 1")
-    _check_sizes(settings["height"], settings["width"], settings["num_frames"], settings["num_inference_steps"],
-                 size_multiple(builtin_model_dir() if builtin else model_dir))
-    if args.cpu_offload and args.group_offload:
-        raise UserInputError("--cpu-offload and --group-offload exclude each other: pick one")
+    settings, fps = _settings(args, defaults, size_multiple(builtin_model_dir() if builtin else model_dir))
 
-    # 2. Cases: every input checked before anything heavy happens
+    # 2. Cases: every input checked and every output claimed before anything heavy happens
     cases, skipped = _build_cases(args, builtin)
 
     # 3. Processes, device, model
@@ -372,18 +385,17 @@ def run(args: argparse.Namespace) -> int:
     from kaleido_s2v.video_io import write_video
 
     default_negative = defaults.get("negative_prompt", KALEIDO_NEGATIVE_PROMPT)
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserInputError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
-    if (args.cpu_offload or args.group_offload) and device.type == "cpu":
-        raise UserInputError("--cpu-offload/--group-offload move weights to a GPU: they need a CUDA --device")
     dist_info = init_distributed(device)
     device = dist_info.device
     split_cases = args.split_cases and args.batch is not None and dist_info.enabled
     if split_cases:
         cases = cases[dist_info.rank :: dist_info.world_size]
     writes = split_cases or dist_info.is_main
+    progress = writes and not args.quiet
+    if not progress:
+        from kaleido_s2v.cli.options import hide_library_progress
+
+        hide_library_progress()
 
     from kaleido_s2v.vision.common import resolve_dtype
 
@@ -391,26 +403,27 @@ def run(args: argparse.Namespace) -> int:
     if builtin:
         from kaleido_s2v.builtin import load_builtin_pipeline
 
-        pipe = load_builtin_pipeline(torch_dtype=dtype)
+        pipe = load_builtin_pipeline(dtype=dtype)
         model_name = builtin_model_description()
     else:
-        from kaleido_s2v.pipeline import KaleidoPipeline
+        from kaleido_s2v.model_folder import load_pipeline
 
-        pipe = KaleidoPipeline.from_pretrained(model_dir, torch_dtype=dtype)
-        model_name = str(model_dir.resolve())
+        pipe = load_pipeline(model_dir, "--model", dtype=dtype)
+        model_name = path_text(model_dir.resolve())
     apply_memory_options(pipe, device, cpu_offload=args.cpu_offload, group_offload=args.group_offload,
                          vae_tiling=args.vae_tiling, layerwise_fp8=args.layerwise_fp8)
     if dist_info.enabled and not split_cases:
         enable_context_parallel(pipe.transformer, dist_info)
-    pipe.set_progress_bar_config(disable=not writes, leave=False)
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
 
     # 4. Generate
     results = []
     from kaleido_s2v import library_versions
+    from kaleido_s2v.fileio import write_text_atomic
 
     versions = library_versions()
     memory = {k: getattr(args, k) for k in ("cpu_offload", "group_offload", "vae_tiling", "layerwise_fp8")}
-    bar = tqdm(cases, desc="videos", unit="video", disable=not writes or len(cases) < 2)
+    bar = tqdm(cases, desc="videos", unit="video", disable=not progress or len(cases) < 2)
     ok = False
     try:
         for case in bar:
@@ -435,7 +448,8 @@ def run(args: argparse.Namespace) -> int:
             write_video(case.output, video, fps=fps)
             sidecar = case.output.with_suffix(".json")
             record = {
-                "video": str(case.output),
+                "made_by": MADE_BY,
+                "video": path_text(case.output),
                 "prompt": case.prompt,
                 "encoded_prompt": case.encoded_prompt or case.prompt,
                 "negative_prompt": negative,
@@ -453,34 +467,31 @@ def run(args: argparse.Namespace) -> int:
                     **memory,
                 },
                 "model": model_name,
-                "source": case.source,
+                "source": path_text(case.source),
                 "versions": versions,
                 "seconds": round(seconds, 3),
             }
-            from kaleido_s2v.fileio import write_text_atomic
-
             write_text_atomic(sidecar, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-            results.append({"video": str(case.output), "sidecar": str(sidecar), "seed": seed,
-                            "seconds": round(seconds, 3), "source": case.source})
+            results.append({"video": path_text(case.output), "sidecar": path_text(sidecar), "seed": seed,
+                            "seconds": round(seconds, 3), "source": path_text(case.source)})
             if not args.json and len(cases) == 1:
-                print(f"wrote {case.output} ({seconds:.1f} s)", file=sys.stderr)
+                print(f"wrote {path_text(case.output)} ({seconds:.1f} s)", file=sys.stderr)
         ok = True
     finally:
         bar.close()
         shutdown_distributed(barrier=ok)
     if args.json and writes:
         print(json.dumps({"videos": results, "skipped": skipped, "model": model_name}, indent=2))
-    elif writes and len(cases) > 1:
-        print(f"wrote {len(results)} videos to {cases[0].output.parent}" + (f", skipped {len(skipped)} lines"
-              if skipped else ""), file=sys.stderr)
-    return 0
+    elif writes and (len(cases) > 1 or skipped):
+        print(f"wrote {len(results)} videos to {path_text(cases[0].output.parent)}"
+              + (f"; skipped {len(skipped)} bad lines (exit code {EXIT_SKIPPED})" if skipped else ""), file=sys.stderr)
+    return EXIT_SKIPPED if skipped else 0
 
 
 def _broadcast_seed(seed: int, device) -> int:
-    """Rank 0's seed, so a random seed is the same on every rank of a context-parallel run."""
-    import torch
+    """Rank 0's seed, so a random seed is the same on every rank of a context-parallel run (any 64-bit seed)."""
     import torch.distributed as dist
 
-    t = torch.tensor([seed], dtype=torch.int64, device=device)
-    dist.broadcast(t, src=0)
-    return int(t.item())
+    box = [seed]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return int(box[0])

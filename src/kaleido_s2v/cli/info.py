@@ -6,6 +6,8 @@ import argparse
 import json
 import platform
 
+IMPORTS = ("torch",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a machine-readable JSON object")

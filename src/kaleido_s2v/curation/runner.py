@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserInputError
+from ..fileio import claim_folder, output_folder
 from .config import build_stage
 from .manifest import MANIFEST, read_manifest, summarize, write_manifest, write_summary
 from .stage import SplitStage, Stage
@@ -23,6 +24,7 @@ from .tasks import Clip, Video, clip_id_for
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 CLIP_FPS_KEY = "clip_path"
+MADE_BY = "kaleido-s2v curate"
 
 
 def resolve_inputs(inp: str | Path | list) -> list[str]:
@@ -47,9 +49,23 @@ def resolve_inputs(inp: str | Path | list) -> list[str]:
         if not out:
             raise UserInputError(f"--input list '{p}' is empty: give one video path per line")
         return out
-    if p.is_file():
+    if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES:
         return [str(p.resolve())]
+    if p.is_file():
+        raise UserInputError(f"--input '{p}' is not a video ({', '.join(sorted(VIDEO_SUFFIXES))}) nor a .txt list of "
+                             "videos: give a folder of videos, a video or a list file")
     raise UserInputError(f"--input '{p}' does not exist: give a folder of videos, a video or a list file")
+
+
+def check_apart(inputs: str | Path | list, sources: list[str], output_dir: Path) -> None:
+    """The output folder may not hold, or be inside, an input: a rerun would take its own clips as sources."""
+    out = output_dir.resolve()
+    named = [Path(x) for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+    for p in [*named, *map(Path, sources)]:
+        p = p.resolve()
+        if p == out or out in p.parents or (p.is_dir() and p in out.parents):
+            raise UserInputError(f"--output '{output_dir}' overlaps --input '{p}': give an output folder outside "
+                                 "the inputs (and inputs outside the output)")
 
 
 @dataclass
@@ -179,13 +195,22 @@ def run_pipeline(
     progress: bool = False,
     write_clips: bool = True,
     checkpoint_s: float = 30.0,
+    overwrite: bool = False,
 ) -> CurateResult:
+    """Run `stage_names` over the inputs into `output_dir`: new, empty, a folder an earlier curate run wrote
+    (resumed), or any folder with `overwrite`. Bad input raises before the folder is made."""
     config = config or {}
     output_dir = Path(output_dir)
     sources = resolve_inputs(inputs)
+    check_apart(inputs, sources, output_dir)
     stages = [build_stage(n, config.get(n), output_dir) for n in stage_names]  # config errors before any output
-    executor = executor or LocalExecutor()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    claim_folder(output_dir, "--output", MADE_BY, overwrite=overwrite)
+    with output_folder(output_dir, MADE_BY):
+        return _run(sources, output_dir, stages, executor or LocalExecutor(), progress, write_clips, checkpoint_s)
+
+
+def _run(sources: list[str], output_dir: Path, stages: list[Stage], executor, progress: bool, write_clips: bool,
+         checkpoint_s: float) -> CurateResult:
     manifest_path = output_dir / MANIFEST
 
     existing = read_manifest(manifest_path)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from .. import library_versions
 from ..errors import UserInputError
+from ..fileio import claim_folder, output_folder
 from .cases import Case
 from .frames import load_case, uniform_indices
 from .registry import METRICS
 
 if TYPE_CHECKING:
     from .models import ModelStore
+
+MADE_BY = "kaleido-s2v evaluate"
 
 
 def select_metrics(requested: list[str] | None, configured) -> list[str]:
@@ -60,12 +62,15 @@ def _thumbs(data, n_frames: int = 4) -> dict:
 def evaluate(cases: list[Case], model_paths: dict[str, str | os.PathLike], output: str | os.PathLike | None,
              metrics: list[str] | None = None, device: str = "cpu", batch_size: int = 16,
              params: dict | None = None, keep_going: bool = False, progress: bool = True,
-             models: ModelStore | None = None, dtype=None) -> dict:
-    """Score every case with every selected metric; write scores.json/.csv and report.html to `output`."""
+             models: ModelStore | None = None, dtype=None, overwrite: bool = False) -> dict:
+    """Score every case with every selected metric; write scores.json/.csv and report.html to `output` (new, empty,
+    a folder an earlier evaluate wrote, or any folder with `overwrite`)."""
     import torch
 
     from .models import ModelStore
 
+    if output is not None:
+        claim_folder(output, "--output", MADE_BY, overwrite=overwrite)
     t_start = time.perf_counter()
     params = params or {}
     unknown = [k for k in params if k not in METRICS and k != "s2v"]
@@ -149,9 +154,8 @@ def evaluate(cases: list[Case], model_paths: dict[str, str | os.PathLike], outpu
     if output is not None:
         from .report import write_csv, write_html, write_json
 
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "scores.json", scores)
-        write_csv(out / "scores.csv", scores)
-        write_html(out / "report.html", scores, thumbs)
+        with output_folder(output, MADE_BY) as out:
+            write_json(out / "scores.json", scores)
+            write_csv(out / "scores.csv", scores)
+            write_html(out / "report.html", scores, thumbs)
     return scores

@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 
-from ..errors import UserInputError
+from ..cli.options import add_overwrite
+
+PROG = "python -m kaleido_s2v.toy"
 
 
 def _world_args(p: argparse.ArgumentParser, default_mix: str) -> None:
-    p.add_argument("--out", required=True, help="output folder (written atomically; replaced if it exists)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; a rerun replaces what an earlier "
+                   "run wrote)")
+    add_overwrite(p, "--out")
     p.add_argument("--num", type=int, required=True, help="number of clips")
     p.add_argument("--seed", type=int, default=0, help="clip i depends only on (seed, i)")
     p.add_argument("--size", type=int, default=64, help="frame height in pixels (and width unless --width)")
@@ -44,7 +48,8 @@ def _config(args):
 def _make(args, writer) -> int:
     from .world import parse_mix
 
-    summary = writer(args.out, args.num, args.seed, _config(args), parse_mix(args.mix), progress=not args.json)
+    summary = writer(args.out, args.num, args.seed, _config(args), parse_mix(args.mix), progress=not args.json,
+                     overwrite=args.overwrite)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -68,13 +73,16 @@ def _make_eval(args) -> int:
 def _evaluate(args) -> int:
     from pathlib import Path
 
-    from ..fileio import write_text_atomic
+    from ..fileio import claim_file, write_text_atomic
     from .evaluator import evaluate_folder
+    from .model import MADE_BY
 
+    if args.report:
+        claim_file(args.report, "--report", overwrite=args.overwrite, made_by=MADE_BY["evaluate"])
     report = evaluate_folder(args.cases, args.videos, control_seed=args.control_seed, limit=args.limit,
                              progress=not args.json)
     if args.report:
-        write_text_atomic(args.report, json.dumps(report, indent=1) + "\n")
+        write_text_atomic(args.report, json.dumps({"made_by": MADE_BY["evaluate"], **report}, indent=1) + "\n")
     if args.json:
         print(json.dumps({k: v for k, v in report.items() if k != "per_case"}))
         return 0
@@ -95,7 +103,7 @@ def _evaluate(args) -> int:
 def _init_model(args) -> int:
     from .model import init_model, load_recipe
 
-    out = init_model(args.out, load_recipe(args.recipe), args.seed)
+    out = init_model(args.out, load_recipe(args.recipe), args.seed, overwrite=args.overwrite)
     print(json.dumps({"model": str(out)}) if args.json else f"wrote a randomly initialised model to {out}")
     return 0
 
@@ -119,9 +127,11 @@ def _train_text(args) -> int:
 
 
 def _train_config(args) -> int:
-    from ..fileio import write_text_atomic
-    from .model import load_recipe, train_config
+    from ..fileio import claim_file, write_text_atomic
+    from .model import MADE_BY, load_recipe, train_config
 
+    if args.out:
+        claim_file(args.out, "--out", overwrite=args.overwrite, made_by=MADE_BY["train-config"])
     text = train_config(load_recipe(args.recipe), model=args.model, data=args.data, output=args.output)
     if args.out:
         write_text_atomic(args.out, text)
@@ -135,7 +145,7 @@ def _generate(args) -> int:
 
     summary = generate_cases(args.model, args.cases, args.out, steps=args.steps, guidance=args.guidance,
                              seed=args.seed, limit=args.limit, shuffle_refs=args.shuffle_refs,
-                             progress=not args.json)
+                             progress=not args.json, overwrite=args.overwrite)
     print(json.dumps(summary) if args.json else f"wrote {summary['cases']} videos to {summary['videos']}")
     return 0
 
@@ -143,7 +153,7 @@ def _generate(args) -> int:
 def _assemble(args) -> int:
     from .model import assemble
 
-    print(f"wrote {assemble(args.model, args.transformer, args.out, transformer_dtype=args.transformer_dtype)}")
+    print(f"wrote {assemble(args.model, args.transformer, args.out, transformer_dtype=args.transformer_dtype, overwrite=args.overwrite)}")
     return 0
 
 
@@ -155,7 +165,7 @@ def _reproduce(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     s = reproduce(args.work, load_recipe(args.recipe), progress=not args.json,
-                  log=(lambda msg: print(msg, file=sys.stderr)) if args.json else print)
+                  log=(lambda msg: print(msg, file=sys.stderr)) if args.json else print, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(s))
     else:
@@ -169,7 +179,7 @@ def _reproduce(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .world import EVAL_MIX, TRAIN_MIX
 
-    parser = argparse.ArgumentParser(prog="python -m kaleido_s2v.toy", description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-data", help="write a training folder (videos/, labels/, references/, manifest.jsonl)")
     _world_args(p, ":".join(map(str, TRAIN_MIX)))
@@ -183,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-seed", type=int, default=0, help="seed of the shuffled-reference control")
     p.add_argument("--limit", type=int, default=None, help="only the first N cases (as `generate --limit`)")
     p.add_argument("--report", default=None, help="write the full report (per case) as JSON here")
+    add_overwrite(p, "--report")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_evaluate)
 
@@ -191,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--recipe", default=None, help=recipe_help)
     p.add_argument("--seed", type=int, default=None, help="init seed (default: the recipe's)")
+    add_overwrite(p, "--out")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_init_model)
     p = sub.add_parser("train-vae", help="train the folder's VAE on the toy world and store its latent statistics")
@@ -212,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the training run's folder")
     p.add_argument("--recipe", default=None, help=recipe_help)
     p.add_argument("--out", default=None, help="YAML file to write (default: print)")
+    add_overwrite(p, "--out")
     p.set_defaults(func=_train_config)
     p = sub.add_parser("assemble", help="the model folder with a trained transformer (a run's final/transformer)")
     p.add_argument("--model", required=True)
@@ -219,12 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--transformer-dtype", choices=["fp32", "fp16"], default="fp32",
                    help="storage precision of the transformer's weights (fp16: half the bytes; loads as fp32)")
+    add_overwrite(p, "--out")
     p.set_defaults(func=_assemble)
     p = sub.add_parser("reproduce", help="every stage above in one call: data, model, cache, transformer, weights, "
                        "evaluation (resumes: a second call only finishes what is missing)")
     p.add_argument("--work", required=True, help="work folder (data/, model/, cache/, run/, weights/, report.json)")
     p.add_argument("--recipe", default=None, help=recipe_help)
     p.add_argument("--json", action="store_true", help="print the summary as JSON (stage lines go to stderr)")
+    add_overwrite(p, "--work")
     p.set_defaults(func=_reproduce)
     p = sub.add_parser("generate", help="generate <clip_id>.mp4 for every case of a make-eval folder with a model")
     p.add_argument("--model", required=True, help="a pipeline folder (e.g. from assemble)")
@@ -236,19 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N cases")
     p.add_argument("--shuffle-refs", type=int, default=None, metavar="SEED",
                    help="control: give each case another case's references (seeded derangement)")
+    add_overwrite(p, "--out")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_generate)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except UserInputError as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    from ..cli import guarded
+
+    args = build_parser().parse_args(argv)
+    return guarded(f"{PROG} {args.command}", lambda: args.func(args))
 
 
 if __name__ == "__main__":

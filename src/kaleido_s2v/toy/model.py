@@ -21,20 +21,44 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserInputError
-from ..fileio import atomic_path, write_text_atomic
+from ..fileio import atomic_path, claim_folder, folder_owner, output_folder, record_files, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 RECIPE_PATH = Path(__file__).resolve().parent / "recipe.yaml"
+# What the toy's commands write: each signs its folder (marker) or file, so a rerun may replace it.
+MADE_BY = {c: f"kaleido_s2v.toy {c}" for c in
+           ("make-data", "make-eval", "init-model", "assemble", "generate", "evaluate", "train-config", "reproduce")}
+# Keys the code reads with [] (so a recipe must have them), and the type each must have; the rest have defaults.
+RECIPE_KEYS = {
+    "data": dict, "data.num": int, "data.seed": int, "data.size": int, "data.frames": int, "data.fps": (int, float),
+    "data.mix": (str, list), "eval": dict, "eval.num": int, "eval.seed": int,
+    "text_encoder": dict, "text_encoder.d_model": int, "vae": dict, "vae.dim_mult": list,
+    "vae.temperal_downsample": list, "transformer": dict, "transformer.text_dim": int, "transformer.patch_size": list,
+    "vae_training": dict, "vae_training.steps": int, "vae_training.lr": (int, float),
+    "vae_training.image_fraction": (int, float), "vae_training.batch_size": int, "vae_training.kl_weight": (int, float),
+    "vae_training.stats_clips": int, "text_training": dict, "text_training.steps": int,
+    "text_training.lr": (int, float), "text_training.batch_size": int, "text_training.mask_prob": (int, float),
+    "train": dict, "train.run": dict, "train.run.max_steps": int, "generation": dict,
+}
 
 
 def load_recipe(path=None) -> dict[str, Any]:
-    import yaml
+    """The recipe YAML (default: the shipped one), checked for every key the stages need (`RECIPE_KEYS`)."""
+    from ..fileio import read_mapping
 
     path = Path(path) if path else RECIPE_PATH
-    if not path.is_file():
-        raise UserInputError(f"recipe '{path}' does not exist: give a YAML file like {RECIPE_PATH}")
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    recipe = read_mapping(path, "recipe", f"the sections of {RECIPE_PATH.name}")
+    for key, kind in RECIPE_KEYS.items():
+        value = recipe
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            raise UserInputError(f"recipe '{path}' has no '{key}': add it (see {RECIPE_PATH})")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise UserInputError(f"recipe '{path}': '{key}' must be {names}, got {value!r}")
+    return recipe
 
 
 def build_components(recipe: dict, seed: int | None = None) -> dict:
@@ -54,27 +78,31 @@ def build_components(recipe: dict, seed: int | None = None) -> dict:
     from ..transformer import KaleidoTransformer3DModel
 
     seed = recipe.get("seed", 0) if seed is None else seed
-    torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(**recipe["text_encoder"])).eval()
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKLWan(**recipe["vae"])
-    torch.manual_seed(seed + 2)
-    t = dict(recipe["transformer"])
-    t["patch_size"] = tuple(t["patch_size"])
-    transformer = KaleidoTransformer3DModel(**t)
+    try:
+        torch.manual_seed(seed)
+        text_encoder = UMT5EncoderModel(UMT5Config(**recipe["text_encoder"])).eval()
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLWan(**recipe["vae"])
+        torch.manual_seed(seed + 2)
+        t = dict(recipe["transformer"])
+        t["patch_size"] = tuple(t["patch_size"])
+        transformer = KaleidoTransformer3DModel(**t)
+    except (TypeError, ValueError) as e:  # an unknown or ill-typed key of a component's section
+        raise UserInputError(f"recipe: a component cannot be built from its section ({e})") from None
     return dict(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
-def init_model(out, recipe: dict, seed: int | None = None) -> Path:
+def init_model(out, recipe: dict, seed: int | None = None, *, overwrite: bool = False) -> Path:
     """Write a randomly initialised pipeline folder (plus generation_defaults.json and the recipe used)."""
+    out = Path(out)
+    claim_folder(out, "--out", MADE_BY["init-model"], overwrite=overwrite, replace=True)
     components = build_components(recipe, seed)
     from ..builtin import GENERATION_DEFAULTS_FILE
     from ..pipeline import KaleidoPipeline
 
-    out = Path(out)
     pipe = KaleidoPipeline(**components)
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, made_by=MADE_BY["init-model"], overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / GENERATION_DEFAULTS_FILE).write_text(json.dumps(recipe["generation"], indent=1) + "\n")
         (tmp / "toy_recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
@@ -155,6 +183,17 @@ def _reconstruction_loss(rec, x, subject_weight: float = 1.0):
     return err.mean()
 
 
+def _toy_model(model_dir, components) -> Path:
+    """A folder `init-model` wrote (its parts are replaced in place), checked whole; else one line naming it."""
+    from ..model_folder import check_model_folder
+
+    model_dir = check_model_folder(model_dir, "--model", components=components, index=False)
+    if folder_owner(model_dir) not in (MADE_BY["init-model"], MADE_BY["assemble"]):
+        raise UserInputError(f"--model '{model_dir}' was not made by {MADE_BY['init-model']}: this command rewrites "
+                             f"its {'/, '.join(components)}/ in place, so give a folder init-model wrote")
+    return model_dir
+
+
 def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bool = True,
               device: str | None = None) -> dict:
     """Train the folder's VAE on the toy world (L1 + MSE reconstruction + small KL), then store latent stats.
@@ -170,9 +209,7 @@ def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bo
     from diffusers import AutoencoderKLWan
     from tqdm import tqdm
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "vae" / "config.json").is_file():
-        raise UserInputError(f"'{model_dir}/vae/config.json' not found: give a folder written by `init-model`")
+    model_dir = _toy_model(model_dir, ("vae",))
     vt = recipe["vae_training"]
     steps = vt["steps"] if steps is None else steps
     device = device or default_device()
@@ -223,6 +260,7 @@ def train_vae(model_dir, recipe: dict, *, steps: int | None = None, progress: bo
     summary = {"steps": steps, "seconds": time.time() - t0, "last": history[-1] if history else None,
                "latents_mean": mean, "latents_std": std}
     write_text_atomic(model_dir / "vae_training.json", json.dumps({"summary": summary, "history": history}) + "\n")
+    record_files(model_dir)
     return summary
 
 
@@ -242,9 +280,7 @@ def train_text(model_dir, data_dir, recipe: dict, *, steps: int | None = None, p
 
     from ..training.data import discover_samples
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "text_encoder" / "config.json").is_file():
-        raise UserInputError(f"'{model_dir}/text_encoder/config.json' not found: give a folder written by `init-model`")
+    model_dir = _toy_model(model_dir, ("text_encoder", "tokenizer"))
     captions = [s.caption for s in discover_samples(data_dir) if s.caption]  # what the trainer will read
     if not captions:
         raise UserInputError(f"--data '{data_dir}' has no captions: give the transformer's training data")
@@ -288,6 +324,7 @@ def train_text(model_dir, data_dir, recipe: dict, *, steps: int | None = None, p
                "loss": float(np.mean([h["loss"] for h in recent])) if recent else None,
                "accuracy": float(np.mean([h["accuracy"] for h in recent])) if recent else None}
     write_text_atomic(model_dir / "text_training.json", json.dumps({"summary": summary, "history": history}) + "\n")
+    record_files(model_dir)
     return summary
 
 
@@ -312,10 +349,10 @@ def train_config(recipe: dict, *, model: str, data: str, output: str) -> str:
     cfg.setdefault("model", {})["path"] = str(Path(model).resolve())
     cfg.setdefault("data", {})["path"] = str(Path(data).resolve())
     cfg.setdefault("run", {})["output"] = str(Path(output).resolve())
-    return yaml.safe_dump(cfg, sort_keys=False)
+    return f"# made_by: {MADE_BY['train-config']}\n" + yaml.safe_dump(cfg, sort_keys=False)
 
 
-def assemble(model_dir, transformer_dir, out, *, transformer_dtype: str = "fp32") -> Path:
+def assemble(model_dir, transformer_dir, out, *, transformer_dtype: str = "fp32", overwrite: bool = False) -> Path:
     """Copy the model folder with the trained transformer (a trainer's `final/transformer`) into `out`, without
     the training logs (`vae_training.json`, `text_training.json`).
 
@@ -324,12 +361,17 @@ def assemble(model_dir, transformer_dir, out, *, transformer_dtype: str = "fp32"
     """
     from safetensors.torch import load_file, save_file
 
+    from ..model_folder import check_component, check_model_folder
+
     model_dir, transformer_dir, out = Path(model_dir), Path(transformer_dir), Path(out)
-    if not (transformer_dir / "config.json").is_file():
-        raise UserInputError(f"'{transformer_dir}/config.json' not found: give the run's final/transformer folder")
+    check_model_folder(model_dir, "--model", components=("vae", "text_encoder", "tokenizer", "scheduler"))
+    if not transformer_dir.is_dir():
+        raise UserInputError(f"--transformer '{transformer_dir}' is not a folder: give the run's final/transformer")
+    check_component(transformer_dir.parent, transformer_dir.name, "--transformer")
     if transformer_dtype not in ("fp32", "fp16"):
         raise UserInputError(f"--transformer-dtype {transformer_dtype!r}: choose fp32 or fp16")
-    with atomic_path(out, is_dir=True) as tmp:
+    claim_folder(out, "--out", MADE_BY["assemble"], overwrite=overwrite, replace=True)
+    with atomic_path(out, is_dir=True, made_by=MADE_BY["assemble"], overwrite=overwrite) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*_training.json"))
         shutil.rmtree(tmp / "transformer")
         shutil.copytree(transformer_dir, tmp / "transformer")
@@ -343,39 +385,49 @@ def assemble(model_dir, transformer_dir, out, *, transformer_dtype: str = "fp32"
 
 def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, guidance: float | None = None,
                    seed: int = 0, limit: int | None = None, shuffle_refs: int | None = None,
-                   progress: bool = True, device: str | None = None) -> dict:
+                   progress: bool = True, device: str | None = None, overwrite: bool = False) -> dict:
     """Generate `<clip_id>.mp4` for every evaluation case (its caption and reference images) with a model folder.
 
     With `shuffle_refs` (a seed), case k gets the references of another case (a seeded derangement): the
     generation-side control. Scored against case k, it shows how much of the recall the caption alone gives.
     """
-    import torch
     from tqdm import tqdm
 
     from ..builtin import generation_defaults
-    from ..pipeline import KaleidoPipeline
-    from ..video_io import write_video
+    from ..model_folder import load_pipeline, resolve_model_folder
     from .evaluator import shuffled
     from .world import read_scenes
 
+    model_dir = resolve_model_folder(model_dir, "--model")
     records = read_scenes(cases_dir)[:limit]
+    out_dir = Path(out_dir)
+    claim_folder(out_dir, "--out", MADE_BY["generate"], overwrite=overwrite)
     ref_from = shuffled(len(records), shuffle_refs) if shuffle_refs is not None else list(range(len(records)))
     defaults = generation_defaults(model_dir)
-    pipe = KaleidoPipeline.from_pretrained(model_dir).to(device or default_device())
+    pipe = load_pipeline(model_dir, "--model").to(device or default_device())
     pipe.set_progress_bar_config(disable=True)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    for k, r in enumerate(tqdm(records, desc="generating", disable=not progress)):
-        scene = r["scene"]
-        refs = [Path(cases_dir) / info["path"] for info in records[ref_from[k]]["references"]]
-        video = pipe(
-            prompt=r["caption"], reference_images=refs, height=scene["height"], width=scene["width"],
-            num_frames=scene["frames"], num_inference_steps=steps or defaults.get("num_inference_steps", 20),
-            guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale", 4.0),
-            max_sequence_length=defaults.get("max_sequence_length", 512), negative_prompt=defaults.get("negative_prompt"),
-            generator=torch.Generator().manual_seed(seed + k), output_type="np",
-        ).frames[0]
-        write_video(out_dir / f"{r['clip_id']}.mp4", video, fps=scene["fps"])
+    with output_folder(out_dir, MADE_BY["generate"]):
+        for k, r in enumerate(tqdm(records, desc="generating", disable=not progress)):
+            _generate_case(pipe, r, records[ref_from[k]], cases_dir, out_dir, defaults, steps, guidance, seed + k)
     return {"videos": str(out_dir), "cases": len(records), "seconds": time.time() - t0,
             "references_from": [records[j]["clip_id"] for j in ref_from]}
+
+
+def _generate_case(pipe, r: dict, ref_record: dict, cases_dir, out_dir: Path, defaults: dict, steps, guidance,
+                   seed: int) -> None:
+    """`<clip_id>.mp4` for one case, with the references of `ref_record` (the case itself, or the control's)."""
+    import torch
+
+    from ..video_io import write_video
+
+    scene = r["scene"]
+    refs = [Path(cases_dir) / info["path"] for info in ref_record["references"]]
+    video = pipe(
+        prompt=r["caption"], reference_images=refs, height=scene["height"], width=scene["width"],
+        num_frames=scene["frames"], num_inference_steps=steps or defaults.get("num_inference_steps", 20),
+        guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale", 4.0),
+        max_sequence_length=defaults.get("max_sequence_length", 512), negative_prompt=defaults.get("negative_prompt"),
+        generator=torch.Generator().manual_seed(seed), output_type="np",
+    ).frames[0]
+    write_video(out_dir / f"{r['clip_id']}.mp4", video, fps=scene["fps"])

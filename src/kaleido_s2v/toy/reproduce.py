@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import UserInputError
-from ..fileio import write_text_atomic
+from ..fileio import claim_folder, output_folder, write_text_atomic
+from .model import MADE_BY
 
 STAGES = ("data", "model", "cache", "run", "weights", "eval")
 
@@ -43,18 +43,23 @@ def _run_finished(run: Path, max_steps: int) -> bool:
     return latest is not None and int(latest.name.split("-")[-1]) >= max_steps and (run / "final").is_dir()
 
 
-def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str], None] = print,
+              overwrite: bool = False) -> dict:
     """Run the missing stages of the recipe in `work` (see the module docstring); returns the evaluation summary
-    and which stages ran."""
+    and which stages ran. `work` must be new, empty or made by an earlier call (stage folders in it are replaced),
+    or `overwrite`."""
+    work = Path(work)
+    claim_folder(work, "--work", MADE_BY["reproduce"], overwrite=overwrite)
+    with output_folder(work, MADE_BY["reproduce"]):
+        return _reproduce(work, recipe, progress, log)
+
+
+def _reproduce(work: Path, recipe: dict, progress: bool, log: Callable[[str], None]) -> dict:
     from ..training import trainer
     from .evaluator import evaluate_folder
     from .model import assemble, default_device, generate_cases, init_model, train_text, train_vae, world_config
     from .world import make_dataset, make_eval_cases, parse_mix
 
-    work = Path(work)
-    if work.exists() and not work.is_dir():
-        raise UserInputError(f"--work '{work}' is a file: give a folder (made if missing) for the stages' outputs")
-    work.mkdir(parents=True, exist_ok=True)
     device = default_device()
     d, e = recipe["data"], recipe["eval"]
     max_steps = recipe["train"]["run"]["max_steps"]

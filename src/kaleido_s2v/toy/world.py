@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserInputError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, claim_folder
 from .captions import CAPTION_STYLES, caption
 from .catalogue import BACKGROUNDS, CHARACTERS, COLOURS, MOTIONS, SHAPES, TEXTURES
 from .render import jitter_palette, render, render_clip
@@ -322,7 +323,8 @@ def eval_case(seed: int, index: int, cfg: WorldConfig, kind: str):
     return scene, _caption(scene, cfg, seed, 3, index), frames, images, infos
 
 
-def _write(out, num: int, seed: int, cfg: WorldConfig, mix, make, video_dir: str, progress: bool) -> dict:
+def _write(out, num: int, seed: int, cfg: WorldConfig, mix, make, video_dir: str, progress: bool, made_by: str,
+           overwrite: bool) -> dict:
     from tqdm import tqdm
 
     from ..video_io import write_video
@@ -330,9 +332,10 @@ def _write(out, num: int, seed: int, cfg: WorldConfig, mix, make, video_dir: str
     if num < 1:
         raise UserInputError(f"--num {num}: give at least 1 clip")
     out = Path(out)
+    claim_folder(out, "--out", made_by, overwrite=overwrite, replace=True)
     kinds = allocate_kinds(num, tuple(mix), seed)
     manifest, scenes = [], []
-    with atomic_path(out, is_dir=True) as tmp:
+    with atomic_path(out, is_dir=True, made_by=made_by, overwrite=overwrite) as tmp:
         for i in tqdm(range(num), desc=f"toy {video_dir}", disable=not progress, unit="clip"):
             clip_id = f"toy{i:06d}"
             scene, text, frames, images, infos = make(seed, i, cfg, kinds[i])
@@ -357,18 +360,36 @@ def _write(out, num: int, seed: int, cfg: WorldConfig, mix, make, video_dir: str
     return summary
 
 
-def make_dataset(out, num: int, seed: int = 0, cfg: WorldConfig | None = None, mix=TRAIN_MIX, progress=True) -> dict:
+def make_dataset(out, num: int, seed: int = 0, cfg: WorldConfig | None = None, mix=TRAIN_MIX, progress=True, *,
+                 overwrite: bool = False) -> dict:
     """Training folder: videos/<id>.mp4, labels/<id>.txt, references/<id>/refK.png, manifest.jsonl, scenes.jsonl."""
-    return _write(out, num, seed, cfg or WorldConfig(), mix, training_clip, "videos", progress)
+    return _write(out, num, seed, cfg or WorldConfig(), mix, training_clip, "videos", progress,
+                  "kaleido_s2v.toy make-data", overwrite)
 
 
-def make_eval_cases(out, num: int, seed: int = 0, cfg: WorldConfig | None = None, mix=EVAL_MIX, progress=True) -> dict:
+def make_eval_cases(out, num: int, seed: int = 0, cfg: WorldConfig | None = None, mix=EVAL_MIX, progress=True, *,
+                    overwrite: bool = False) -> dict:
     """Evaluation cases: the same layout (ground-truth videos under videos/), scenes.jsonl holds what to check."""
-    return _write(out, num, seed, cfg or WorldConfig(), mix, eval_case, "videos", progress)
+    return _write(out, num, seed, cfg or WorldConfig(), mix, eval_case, "videos", progress,
+                  "kaleido_s2v.toy make-eval", overwrite)
 
 
 def read_scenes(folder) -> list[dict]:
+    """The cases of a make-eval (or make-data) folder; a bad line is one error naming it."""
     path = Path(folder) / "scenes.jsonl"
     if not path.is_file():
         raise UserInputError(f"'{path}' not found: give a folder written by `python -m kaleido_s2v.toy make-eval`")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            ok = isinstance(r, dict) and re.fullmatch(r"[A-Za-z0-9_.-]+", str(r["clip_id"])) and r["clip_id"] != ".."
+            if not ok or not isinstance(r["scene"], dict) or not isinstance(r["references"], list):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise UserInputError(f"{path}:{i}: not a case written by make-eval (clip_id, scene, references): "
+                                 "regenerate the folder") from None
+        records.append(r)
+    return records

@@ -80,7 +80,7 @@ class InpaintStage(Stage):
         from ...vision.common import resolve_device, resolve_dtype
 
         self._device = resolve_device(self.device)
-        self._pipe = FluxFillPipeline.from_pretrained(self.model, torch_dtype=resolve_dtype(self.dtype, self._device))
+        self._pipe = FluxFillPipeline.from_pretrained(self.model, dtype=resolve_dtype(self.dtype, self._device))
         self._pipe.to(self._device)
         self._pipe.set_progress_bar_config(disable=True)
 

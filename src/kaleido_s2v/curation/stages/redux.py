@@ -55,9 +55,9 @@ class ReduxStage(Stage):
 
         self._device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, self._device)
-        self._prior = FluxPriorReduxPipeline.from_pretrained(self.prior_model, torch_dtype=dtype).to(self._device)
+        self._prior = FluxPriorReduxPipeline.from_pretrained(self.prior_model, dtype=dtype).to(self._device)
         self._pipe = FluxPipeline.from_pretrained(self.model, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                                  tokenizer_2=None, torch_dtype=dtype).to(self._device)
+                                                  tokenizer_2=None, dtype=dtype).to(self._device)
         self._pipe.set_progress_bar_config(disable=True)
 
     def process(self, clip: Clip) -> Clip:

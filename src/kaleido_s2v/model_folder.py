@@ -1,0 +1,130 @@
+"""What a model folder is: resolving the folder a user named, and checking it whole before anything loads.
+
+A diffusers pipeline folder holds `model_index.json` and one subfolder per component (`PIPELINE_FILES`). Every
+config is parsed and every safetensors file's header read (a truncated, empty or corrupt file is found here, not
+as a traceback deep in a loader), and a failure is one `UserInputError` naming the file and what was expected.
+An official release folder is handed to `checkpoints.resolve_model_dir` (converted, or the `convert` command).
+Nothing here touches the network: a name that is not a local folder is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import UserInputError
+
+# component -> what its folder must hold
+PIPELINE_FILES = {
+    "transformer": "config.json + diffusion_pytorch_model*.safetensors",
+    "vae": "config.json + diffusion_pytorch_model*.safetensors",
+    "text_encoder": "config.json + model*.safetensors",
+    "tokenizer": "tokenizer files",
+    "scheduler": "scheduler_config.json",
+}
+EXPECTED = "model_index.json + " + ", ".join(f"{c}/" for c in PIPELINE_FILES)
+
+
+def _json_object(path: Path, flag: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"{flag}: {path} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserInputError(f"{flag}: {path} is not valid JSON ({type(e).__name__}): restore or re-save it") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{flag}: {path} must hold a JSON object: restore or re-save it")
+    return data
+
+
+def check_safetensors(path: Path, flag: str) -> None:
+    """The file's header parses and its data covers every tensor (safetensors checks both on open)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own SafetensorError (not an OSError) for bad files
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserInputError(f"{flag}: {path} is not a complete safetensors file ({reason}): restore or re-save it") from None
+
+
+def _check_weights(folder: Path, flag: str) -> None:
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        if any(folder.glob("*.bin")):
+            return  # legacy PyTorch weights: the loader checks them
+        raise UserInputError(f"{flag}: {folder}/ has no *.safetensors weights")
+    for index in folder.glob("*.safetensors.index.json"):
+        weight_map = _json_object(index, flag).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserInputError(f"{flag}: {index} has no weight_map: restore or re-save it")
+        missing = sorted({str(v) for v in weight_map.values()} - {p.name for p in shards})
+        if missing:
+            raise UserInputError(f"{flag}: {folder}/ lacks the shards {', '.join(missing[:3])} named by {index.name}")
+    for shard in shards:
+        check_safetensors(shard, flag)
+
+
+def check_component(root: Path, name: str, flag: str) -> None:
+    """One component folder of a pipeline folder: present, configs parse, weights complete."""
+    folder = root / name
+    if not folder.is_dir():
+        raise UserInputError(f"{flag} '{root}' is incomplete: missing {folder}/ ({PIPELINE_FILES[name]})")
+    if name == "scheduler":
+        _json_object(folder / "scheduler_config.json", flag)
+    elif name == "tokenizer":
+        files = [p for p in folder.iterdir() if p.is_file()]
+        if not files:
+            raise UserInputError(f"{flag} '{root}' is incomplete: {folder}/ has no tokenizer files")
+        for p in files:
+            if p.suffix == ".json":
+                _json_object(p, flag)
+    else:
+        _json_object(folder / "config.json", flag)
+        _check_weights(folder, flag)
+
+
+def check_model_folder(path: str | os.PathLike, flag: str = "--model", *,
+                       components=tuple(PIPELINE_FILES), index: bool = True) -> Path:
+    """Check a diffusers pipeline folder (the `components` it must hold; `index`: model_index.json too)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise UserInputError(f"{flag} '{root}' does not exist: give a local diffusers-format folder ({EXPECTED})")
+    if not root.is_dir():
+        raise UserInputError(f"{flag} '{root}' is a file: give the folder that holds it ({EXPECTED})")
+    if index:
+        entries = _json_object(root / "model_index.json", flag)
+        missing = [c for c in components if not isinstance(entries.get(c), list) or entries[c][0] is None]
+        if missing:
+            raise UserInputError(f"{flag} '{root}': model_index.json has no entry for {', '.join(missing)}")
+    for name in components:
+        check_component(root, name, flag)
+    from .builtin import GENERATION_DEFAULTS_FILE
+
+    if (root / GENERATION_DEFAULTS_FILE).exists():
+        _json_object(root / GENERATION_DEFAULTS_FILE, flag)
+    return root
+
+
+def resolve_model_folder(path: str | os.PathLike, flag: str = "--model", *, auto_convert: bool = False) -> Path:
+    """The checked diffusers pipeline folder for what the user named (an official release: see module doc)."""
+    root = Path(path).expanduser()
+    if root.is_dir() and not (root / "model_index.json").exists():
+        from .checkpoints import resolve_model_dir
+
+        root = Path(resolve_model_dir(root, auto_convert=auto_convert, label=f"{flag} "))
+    return check_model_folder(root, flag)
+
+
+def load_pipeline(root: Path, flag: str = "--model", **kwargs):
+    """`KaleidoPipeline.from_pretrained` of a checked folder; a loader error is one line naming the folder."""
+    from .pipeline import KaleidoPipeline
+
+    try:
+        return KaleidoPipeline.from_pretrained(root, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # diffusers/transformers loader errors
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise UserInputError(f"{flag} '{root}' cannot be loaded ({type(e).__name__}: "
+                             f"{lines[0][:200] if lines else ''}): restore or re-save the folder") from None
