@@ -1,6 +1,6 @@
 """Every bad input of every subcommand: one line, exit code 2, no traceback, nothing written, user files untouched.
 
-`CASES` is the inventory behind the table in docs/errors.md; `python tests/test_bad_input.py` prints that table
+`CASES` is the inventory behind the table in docs/errors.md; `python tests/test_bad_input.py` rewrites that table
 from the messages the cases actually produce (paths shown as WORK/...). Each case runs the real entry point
 in-process inside a work folder full of user files; afterwards every file and folder there (and in the shared
 model folder) must be exactly as before, byte for byte, with nothing added.
@@ -242,6 +242,10 @@ CASES: list[Bad] = [
     Bad("c-dst-cwd", "--dst naming the current folder (even with --overwrite)", lambda w: ["convert", "--src",
         _release(w), "--dst", ".", "--only", "transformer", "--overwrite"], "is (or contains) the current folder",
         setup=lambda w, mp: mp.chdir(w.root / "project")),
+    Bad("c-dst-readonly", "--dst in a folder that cannot be written", lambda w: ["convert", "--src", _release(w),
+        "--dst", f"{w.readonly}/out", "--only", "transformer"], "cannot write in"),
+    Bad("c-dst-parent-file", "--dst under a file", lambda w: ["convert", "--src", _release(w), "--dst",
+        "notes.txt/out", "--only", "transformer"], "is a file, not a folder"),
     # --- curate
     Bad("cu-input-missing", "--input that does not exist", lambda w: ["curate", "--input", "nope", "--output", "c"],
         "does not exist"),
@@ -259,6 +263,10 @@ CASES: list[Bad] = [
         "project"], "already exists and was not made by kaleido-s2v curate"),
     Bad("cu-output-file", "--output naming a file", lambda w: ["curate", "--input", "clip.mp4", "--output",
         "notes.txt"], "is a file: give a folder"),
+    Bad("cu-output-readonly", "--output in a folder that cannot be written", lambda w: ["curate", "--input",
+        "clip.mp4", "--output", f"{w.readonly}/c"], "cannot write in"),
+    Bad("cu-output-parent-file", "--output under a file", lambda w: ["curate", "--input", "clip.mp4", "--output",
+        "notes.txt/c"], "is a file, not a folder"),
     Bad("cu-stage", "an unknown stage", lambda w: ["curate", "--input", "clip.mp4", "--output", "c", "--stages",
         "scenes,sharpen"], "sharpen"),
     Bad("cu-config", "a --config that does not parse", lambda w: ["curate", "--input", "clip.mp4", "--output", "c",
@@ -271,6 +279,12 @@ CASES: list[Bad] = [
     Bad("e-output-user", "--output naming the user's folder", lambda w: ["evaluate", "--cases", "cases.jsonl",
         "--videos", "videos", "--output", "project"], "already exists and was not made by kaleido-s2v evaluate",
         setup=_eval_cases),
+    Bad("e-output-file", "--output naming a file", lambda w: ["evaluate", "--cases", "cases.jsonl", "--videos",
+        "videos", "--output", "notes.txt"], "is a file: give a folder", setup=_eval_cases),
+    Bad("e-output-parent-file", "--output under a file", lambda w: ["evaluate", "--cases", "cases.jsonl", "--videos",
+        "videos", "--output", "notes.txt/o"], "is a file, not a folder", setup=_eval_cases),
+    Bad("e-output-readonly", "--output in a folder that cannot be written", lambda w: ["evaluate", "--cases",
+        "cases.jsonl", "--videos", "videos", "--output", f"{w.readonly}/o"], "cannot write in", setup=_eval_cases),
     Bad("e-batch-size", "--batch-size 0", lambda w: ["evaluate", "--cases", "cases.jsonl", "--videos", "videos",
         "--output", "o", "--batch-size", "0"], "--batch-size must be >= 1", setup=_eval_cases),
     Bad("e-params", "--params that is not JSON", lambda w: ["evaluate", "--cases", "cases.jsonl", "--videos", "videos",
@@ -284,6 +298,14 @@ CASES: list[Bad] = [
         lambda w: ["make-data", "--out", "project", "--num", "2"], "already exists and was not made by", toy=True),
     Bad("t-eval-user", "make-eval --out naming the user's folder", lambda w: ["make-eval", "--out", "project", "--num",
         "2"], "already exists and was not made by", toy=True),
+    Bad("t-data-readonly", "make-data --out in a folder that cannot be written", lambda w: ["make-data", "--out",
+        f"{w.readonly}/d", "--num", "2"], "cannot write in", toy=True),
+    Bad("t-data-parent-file", "make-data --out under a file", lambda w: ["make-data", "--out", "notes.txt/d", "--num",
+        "2"], "is a file, not a folder", toy=True),
+    Bad("t-data-seed", "make-data --seed -1", lambda w: ["make-data", "--out", "d", "--num", "2", "--seed", "-1"],
+        "--seed -1", toy=True),
+    Bad("t-data-fps-0", "make-data --fps 0", lambda w: ["make-data", "--out", "d", "--num", "2", "--fps", "0"],
+        "fps=0.0", toy=True),
     Bad("t-data-num-0", "make-data --num 0", lambda w: ["make-data", "--out", "d", "--num", "0"], "--num 0", toy=True),
     Bad("t-recipe-key", "a recipe with a missing key", lambda w: ["init-model", "--out", "m2", "--recipe", "r.yaml"],
         "has no 'vae_training.steps'", toy=True, setup=lambda w, mp: _recipe_without(w, "vae_training", "steps")),
@@ -295,6 +317,11 @@ CASES: list[Bad] = [
         "already exists and was not made by", toy=True),
     Bad("t-gen-model-missing", "generate --model that does not exist (never the Hub)",
         lambda w: ["generate", "--model", "nope", "--cases", "empty", "--out", "v"], "does not exist", toy=True),
+    Bad("t-gen-model-truncated", "generate --model with a truncated safetensors file", lambda w: ["generate",
+        "--model", "m", "--cases", "empty", "--out", "v"], "is not a complete safetensors file", toy=True,
+        setup=_model_with(lambda m: _truncate(next((m / "vae").glob("*.safetensors"))))),
+    Bad("t-gen-steps-0", "generate --steps 0", lambda w: ["generate", "--model", "m", "--cases", "empty", "--out",
+        "v", "--steps", "0"], "--steps 0: must be at least 1", toy=True),
     Bad("t-gen-out-user", "generate --out naming the user's folder", lambda w: ["generate", "--model", str(w.model),
         "--cases", "cases", "--out", "project"], "already exists and was not made by", toy=True,
         setup=_write("cases/scenes.jsonl", "")),
@@ -303,6 +330,10 @@ CASES: list[Bad] = [
         setup=_write("cases/scenes.jsonl", "{\"clip_id\": \"../../x\"}\n")),
     Bad("t-vae-not-toy", "train-vae on a model folder init-model did not make", lambda w: ["train-vae", "--model",
         str(w.model)], "was not made by kaleido_s2v.toy init-model: this command rewrites its vae/", toy=True),
+    Bad("t-report-folder", "evaluate --report naming a folder", lambda w: ["evaluate", "--cases", "empty", "--report",
+        "project"], "is a folder: give a file name", toy=True),
+    Bad("t-report-readonly", "evaluate --report in a folder that cannot be written", lambda w: ["evaluate",
+        "--cases", "empty", "--report", f"{w.readonly}/r.json"], "cannot write in", toy=True),
     Bad("t-report-exists", "evaluate --report naming the user's file", lambda w: ["evaluate", "--cases", "empty",
         "--report", "notes.json"], "'notes.json' already exists", toy=True),
     Bad("t-config-exists", "train-config --out naming the user's file", lambda w: ["train-config", "--model", "m",
@@ -455,6 +486,10 @@ def _doc_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+TABLE_MARK = "<!-- the table below is written by `python tests/test_bad_input.py` -->\n"
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(_doc_table(), end="")
+    doc = REPO / "docs" / "errors.md"
+    head = doc.read_text(encoding="utf-8").split(TABLE_MARK)[0]
+    doc.write_text(head + TABLE_MARK + "\n" + _doc_table(), encoding="utf-8")

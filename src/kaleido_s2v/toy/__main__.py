@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..cli.options import add_overwrite
+from ..cli.options import add_dtype, add_overwrite, check_at_least, check_seed
 
 PROG = "python -m kaleido_s2v.toy"
 
@@ -35,7 +35,7 @@ def _config(args):
 
     return WorldConfig(
         height=args.size,
-        width=args.width or args.size,
+        width=args.size if args.width is None else args.width,
         frames=args.frames,
         fps=args.fps,
         min_subjects=args.min_subjects,
@@ -48,6 +48,7 @@ def _config(args):
 def _make(args, writer) -> int:
     from .world import parse_mix
 
+    check_seed(args.seed)
     summary = writer(args.out, args.num, args.seed, _config(args), parse_mix(args.mix), progress=not args.json,
                      overwrite=args.overwrite)
     if args.json:
@@ -79,6 +80,8 @@ def _evaluate(args) -> int:
 
     if args.report:
         claim_file(args.report, "--report", overwrite=args.overwrite, made_by=MADE_BY["evaluate"])
+    check_seed(args.control_seed, "--control-seed")
+    check_at_least(args.limit, "--limit", 1)
     report = evaluate_folder(args.cases, args.videos, control_seed=args.control_seed, limit=args.limit,
                              progress=not args.json)
     if args.report:
@@ -103,6 +106,7 @@ def _evaluate(args) -> int:
 def _init_model(args) -> int:
     from .model import init_model, load_recipe
 
+    check_seed(args.seed)
     out = init_model(args.out, load_recipe(args.recipe), args.seed, overwrite=args.overwrite)
     print(json.dumps({"model": str(out)}) if args.json else f"wrote a randomly initialised model to {out}")
     return 0
@@ -111,6 +115,7 @@ def _init_model(args) -> int:
 def _train_vae(args) -> int:
     from .model import load_recipe, train_vae
 
+    check_at_least(args.steps, "--steps", 0)
     s = train_vae(args.model, load_recipe(args.recipe), steps=args.steps, progress=not args.json)
     print(json.dumps(s) if args.json else f"trained the VAE for {s['steps']} steps in {s['seconds']:.0f} s; "
           f"last loss {s['last']['loss'] if s['last'] else float('nan'):.4f}")
@@ -120,6 +125,7 @@ def _train_vae(args) -> int:
 def _train_text(args) -> int:
     from .model import load_recipe, train_text
 
+    check_at_least(args.steps, "--steps", 0)
     s = train_text(args.model, args.data, load_recipe(args.recipe), steps=args.steps, progress=not args.json)
     print(json.dumps(s) if args.json else f"trained the text encoder for {s['steps']} steps on {s['captions']} "
           f"captions in {s['seconds']:.0f} s; masked-byte accuracy {s['accuracy'] or float('nan'):.3f}")
@@ -143,6 +149,11 @@ def _train_config(args) -> int:
 def _generate(args) -> int:
     from .model import generate_cases
 
+    check_seed(args.seed)
+    check_seed(args.shuffle_refs, "--shuffle-refs")
+    check_at_least(args.steps, "--steps", 1)
+    check_at_least(args.limit, "--limit", 1)
+    check_at_least(args.guidance, "--guidance", 0)
     summary = generate_cases(args.model, args.cases, args.out, steps=args.steps, guidance=args.guidance,
                              seed=args.seed, limit=args.limit, shuffle_refs=args.shuffle_refs,
                              progress=not args.json, overwrite=args.overwrite)
@@ -230,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--transformer", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--transformer-dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="storage precision of the transformer's weights (fp16: half the bytes; loads as fp32)")
+    add_dtype(p, ("fp32", "fp16"), "fp32", "storage precision of the transformer's weights (fp16: half the bytes; "
+              "loads as fp32)", flag="--transformer-dtype")
     add_overwrite(p, "--out")
     p.set_defaults(func=_assemble)
     p = sub.add_parser("reproduce", help="every stage above in one call: data, model, cache, transformer, weights, "

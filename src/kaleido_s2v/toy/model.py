@@ -425,7 +425,7 @@ def _generate_case(pipe, r: dict, ref_record: dict, cases_dir, out_dir: Path, de
     refs = [Path(cases_dir) / info["path"] for info in ref_record["references"]]
     video = pipe(
         prompt=r["caption"], reference_images=refs, height=scene["height"], width=scene["width"],
-        num_frames=scene["frames"], num_inference_steps=steps or defaults.get("num_inference_steps", 20),
+        num_frames=scene["frames"], num_inference_steps=steps if steps is not None else defaults.get("num_inference_steps", 20),
         guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale", 4.0),
         max_sequence_length=defaults.get("max_sequence_length", 512), negative_prompt=defaults.get("negative_prompt"),
         generator=torch.Generator().manual_seed(seed), output_type="np",

@@ -57,6 +57,10 @@ class WorldConfig:
             raise UserInputError(f"frame size {self.height}x{self.width} is too small: use at least 16x16")
         if self.frames < 1:
             raise UserInputError(f"frames={self.frames}: give at least 1 frame")
+        if self.fps <= 0:
+            raise UserInputError(f"fps={self.fps}: give a positive frame rate")
+        if self.ref_size < 16:
+            raise UserInputError(f"ref_size={self.ref_size}: use at least 16 pixels")
         if self.caption_style not in (*CAPTION_STYLES, "mixed"):
             raise UserInputError(
                 f"--caption-style {self.caption_style!r}: choose one of {', '.join(CAPTION_STYLES)}, mixed"
