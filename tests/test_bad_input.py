@@ -36,10 +36,10 @@ class Bad:
 
 
 class World:
-    """The user's folder (also the current folder) and a shared tiny model folder."""
+    """The user's folder (also the current folder), a shared tiny model folder and training data."""
 
-    def __init__(self, root: Path, model: Path):
-        self.root, self.model = root, model
+    def __init__(self, root: Path, model: Path, data: Path):
+        self.root, self.model, self.data = root, model, data
 
     def __call__(self, *parts: str) -> str:
         return str(self.root.joinpath(*parts))
@@ -120,6 +120,20 @@ def _small_bomb(w: World, mp) -> None:
 
 def _gen(*args) -> Callable:
     return lambda w: ["generate", *PROMPT, *args]
+
+
+TRAIN_SIZES = ["--height", "32", "--width", "32", "--frames", "5", "--max-sequence-length", "16", "--max-steps", "1"]
+
+
+def _train(*args, model: str | None = None, data: str | None = None, output: str = "run") -> Callable:
+    return lambda w: ["train", "--model", model or str(w.model), "--data", data or str(w.data), "--output", output,
+                      *TRAIN_SIZES, *args]
+
+
+def _corrupt_data(w: World, mp) -> None:
+    shutil.copytree(w.data, w.root / "data")
+    for video in (w.root / "data" / "videos").iterdir():
+        video.write_bytes(b"not a video")
 
 
 G, B = "generate", "generate --batch"
@@ -246,6 +260,31 @@ CASES: list[Bad] = [
         "--dst", f"{w.readonly}/out", "--only", "transformer"], "cannot write in"),
     Bad("c-dst-parent-file", "--dst under a file", lambda w: ["convert", "--src", _release(w), "--dst",
         "notes.txt/out", "--only", "transformer"], "is a file, not a folder"),
+    # --- train (more in tests/test_train_inputs.py)
+    Bad("tr-lr", "train --lr -1", _train("--lr", "-1"), "--lr -1.0 must be a positive number"),
+    Bad("tr-frames", "train --frames 8", _train("--frames", "8"), "--frames 8"),
+    Bad("tr-max-steps", "train --max-steps 0", _train("--max-steps", "0"), "--max-steps 0"),
+    Bad("tr-decay", "train --decay-steps longer than the run", _train("--decay-steps", "5", "--warmup-steps", "0"),
+        "--decay-steps 5"),
+    Bad("tr-config-key", "a train --config with an unknown key", _train("--config", "c.yaml"),
+        "unknown config key 'run.max_stepz'", setup=_write("c.yaml", "run:\n  max_stepz: 3\n")),
+    Bad("tr-model-truncated", "train --model with a truncated safetensors file", _train(model="m"),
+        "is not a complete safetensors file",
+        setup=_model_with(lambda m: _truncate(next((m / "transformer").glob("*.safetensors"))))),
+    Bad("tr-data-corrupt", "training data where every video is corrupt",
+        _train(data="data"), "none of its 3 samples can be read",
+        setup=_corrupt_data),
+    Bad("tr-resume", "train --resume naming a folder that is not a checkpoint", _train("--resume", "project"),
+        "--resume 'project' is not a checkpoint folder"),
+    Bad("tr-output-user", "train --output naming the user's folder", _train(output="project"),
+        "already exists and was not made by kaleido-s2v train"),
+    Bad("tr-output-file", "train --output naming a file", _train(output="notes.txt"), "is a file: give a folder"),
+    Bad("tr-output-parent-file", "train --output under a file", _train(output="notes.txt/run"),
+        "is a file, not a folder"),
+    Bad("tr-output-readonly", "train --output in a folder that cannot be written",
+        lambda w: _train(output=f"{w.readonly}/run")(w), "cannot write in"),
+    Bad("tr-cache-user", "train --build-cache --cache-dir naming the user's folder",
+        _train("--build-cache", "--cache-dir", "project"), "already exists and was not made by kaleido-s2v train"),
     # --- curate
     Bad("cu-input-missing", "--input that does not exist", lambda w: ["curate", "--input", "nope", "--output", "c"],
         "does not exist"),
@@ -401,13 +440,20 @@ def tiny_model(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory) -> Path:
+    from tests.test_training import write_synthetic_data
+
+    return write_synthetic_data(tmp_path_factory.mktemp("shared") / "data")
+
+
 @pytest.fixture
-def world(tmp_path, tiny_model, monkeypatch) -> World:
+def world(tmp_path, tiny_model, train_data, monkeypatch) -> World:
     root = tmp_path / "work"
     root.mkdir()
     user_files(root)
     monkeypatch.chdir(root)
-    return World(root, tiny_model)
+    return World(root, tiny_model, train_data)
 
 
 @pytest.mark.parametrize("bad", CASES, ids=[c.id for c in CASES])
@@ -420,7 +466,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(bad, world, monkeypatc
     if bad.setup is not None:
         bad.setup(world, monkeypatch)
     argv = bad.argv(world)
-    before = snapshot(world.root, world.model)
+    before = snapshot(world.root, world.model, world.data)
     rc, out, err, prog = run_entry(bad, argv, capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2, err
@@ -428,7 +474,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(bad, world, monkeypatc
     assert lines[0].startswith(f"{prog}: error: "), lines[0]
     assert bad.expect in lines[0], lines[0]
     assert "Traceback" not in out + err
-    after = snapshot(world.root, world.model)
+    after = snapshot(world.root, world.model, world.data)
     assert sorted(after) == sorted(before), "files or folders were added or removed"
     changed = [p for p in before if before[p] != after[p]]
     assert not changed, f"changed: {changed}"
@@ -459,18 +505,20 @@ def _doc_table() -> str:
 
     from kaleido_s2v.pipeline import KaleidoPipeline
     from kaleido_s2v.tiny import tiny_components
+    from tests.test_training import write_synthetic_data
 
     rows = ["| case | command | bad input | message (exit code 2) |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "shared" / "tiny-kaleido"
         KaleidoPipeline(**tiny_components(seed=0)).save_pretrained(model)
+        data = write_synthetic_data(Path(tmp) / "shared" / "data")
         for k, bad in enumerate(CASES):
             root = Path(tmp) / f"w{k}" / "work"
             root.mkdir(parents=True)
             user_files(root)
             with pytest.MonkeyPatch.context() as mp:
                 mp.chdir(root)
-                w = World(root, model)
+                w = World(root, model, data)
                 if bad.setup is not None:
                     bad.setup(w, mp)
                 real = sys.stdout, sys.stderr
@@ -480,7 +528,7 @@ def _doc_table() -> str:
                 finally:
                     sys.stdout, sys.stderr = real
             message = err.strip().removeprefix(f"{prog}: error: ").replace(str(root), "WORK").replace(str(model), "MODEL")
-            message = message.replace(str(Path(tmp)), "TMP").replace(str(REPO), "REPO").replace("|", "\\|")
+            message = message.replace(str(data), "DATA").replace(str(Path(tmp)), "TMP").replace(str(REPO), "REPO").replace("|", "\\|")
             command = prog.replace("python -m kaleido_s2v.toy", "toy").replace("kaleido-s2v ", "")
             rows.append(f"| `{bad.id}` | {command} | {bad.what} | {message if rc == 2 else f'EXIT {rc}: {message}'} |")
     return "\n".join(rows) + "\n"
@@ -490,6 +538,7 @@ TABLE_MARK = "<!-- the table below is written by `python tests/test_bad_input.py
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(REPO))  # `tests.test_training`
     doc = REPO / "docs" / "errors.md"
     head = doc.read_text(encoding="utf-8").split(TABLE_MARK)[0]
     doc.write_text(head + TABLE_MARK + "\n" + _doc_table(), encoding="utf-8")

@@ -131,7 +131,7 @@ def claim_folder(path: str | os.PathLike, flag: str, made_by: str, *, overwrite:
     if overwrite or not any(path.iterdir()):
         return True
     owner = folder_owner(path)
-    fix = "choose a new or empty folder, or pass --overwrite to replace it"
+    fix = f"choose a new or empty folder, or pass --overwrite to {'replace it' if replace else 'write into it anyway'}"
     if owner is None:
         raise UserInputError(f"{where} already exists and was not made by {made_by}: {fix}")
     if owner != made_by and owner not in set(accept):
@@ -243,12 +243,16 @@ def output_folder(path: str | os.PathLike, made_by: str) -> Iterator[Path]:
     path = Path(path)
     created = _missing_top(path)
     path.mkdir(parents=True, exist_ok=True)
-    if folder_owner(path) is None:
+    marked = folder_owner(path) is None
+    if marked:
         write_marker(path, made_by)
     try:
         yield path
     except BaseException:
-        _remove_if_empty_tree(created)
+        if created is not None:
+            _remove_if_empty_tree(created)
+        elif marked and [p.name for p in path.iterdir()] == [MARKER]:  # the user's folder, as it was
+            (path / MARKER).unlink()
         raise
 
 

@@ -9,8 +9,10 @@ Nothing here touches the network: a name that is not a local folder is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserInputError
@@ -118,13 +120,24 @@ def resolve_model_folder(path: str | os.PathLike, flag: str = "--model", *, auto
     return check_model_folder(root, flag)
 
 
-def load_pipeline(root: Path, flag: str = "--model", **kwargs):
-    """`KaleidoPipeline.from_pretrained` of a checked folder; a loader error is one line naming the folder."""
-    from .pipeline import KaleidoPipeline
+@contextlib.contextmanager
+def loading(folder: Path, flag: str = "--model") -> Iterator[None]:
+    """A loader's error on a checked folder (e.g. a config that parses but does not fit the class): one line."""
+    import torch
 
     try:
-        return KaleidoPipeline.from_pretrained(root, **kwargs)
+        yield
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:  # diffusers/transformers loader errors
+        if isinstance(e, (UserInputError, torch.OutOfMemoryError)):
+            raise
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise UserInputError(f"{flag} '{root}' cannot be loaded ({type(e).__name__}: "
-                             f"{lines[0][:200] if lines else ''}): restore or re-save the folder") from None
+        raise UserInputError(f"{flag}: {folder} cannot be loaded ({type(e).__name__}: "
+                             f"{lines[0][:200] if lines else ''}): restore or re-save it") from None
+
+
+def load_pipeline(root: Path, flag: str = "--model", **kwargs):
+    """`KaleidoPipeline.from_pretrained` of a checked folder, loader errors as one line (`loading`)."""
+    from .pipeline import KaleidoPipeline
+
+    with loading(root, flag):
+        return KaleidoPipeline.from_pretrained(root, **kwargs)

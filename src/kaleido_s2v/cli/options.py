@@ -19,6 +19,14 @@ def add_quiet(parser, help: str = "no progress bars") -> None:
     parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)
 
 
+def package_logging() -> None:
+    """This package's progress notes (INFO) on stderr; the libraries' INFO chatter (e.g. temporary paths) not."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kaleido_s2v").setLevel(logging.INFO)
+
+
 def hide_library_progress() -> None:
     """--quiet: also the loading bars of diffusers and transformers."""
     from diffusers.utils import logging as diffusers_logging

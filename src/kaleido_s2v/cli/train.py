@@ -65,10 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", help="checkpoint-<step> folder to continue from, or 'latest'")
     g.add_argument("--cache-dir", help="latent cache folder (train from it; write it with --build-cache)")
     g.add_argument("--build-cache", action="store_true", help="encode the data into --cache-dir and exit")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into an --output folder (--cache-dir with --build-cache) that kaleido-s2v train "
+                        "did not make")
     g = parser.add_argument_group("data")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--num-frames", type=int, help="4k+1 frames per clip (81)")
+    g.add_argument("--frames", dest="num_frames", type=int, metavar="FRAMES", help="4k+1 frames per clip (81)")
+    g.add_argument("--num-frames", dest="num_frames", type=int, help=argparse.SUPPRESS)  # the old spelling
     g.add_argument("--fps", type=float, help="frames are resampled to exactly this rate (16)")
     g.add_argument("--max-references", type=int, help="references per sample (3)")
     g.add_argument("--text-dropout", type=float, help="probability of an empty caption (0.1)")
@@ -103,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cp-degree", type=int, help="context-parallel group size under torchrun (1)")
     g = parser.add_argument_group("reporting")
     g.add_argument("--json", action="store_true", help="print a JSON summary at the end")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # the old spelling
 
 
 def config_from_args(args: argparse.Namespace):
@@ -131,12 +136,11 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
+    from kaleido_s2v.cli.options import package_logging
     from kaleido_s2v.errors import UserInputError
     from kaleido_s2v.training import trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    package_logging()
     cfg = config_from_args(args)
     if not cfg.model.path:
         raise UserInputError("--model is required: give a diffusers pipeline folder")
@@ -144,9 +148,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--data is required: give a data folder or a manifest.jsonl")
     try:
         if args.build_cache:
-            summary = trainer.build_cache(cfg.validate(), progress=not args.no_progress)
+            summary = trainer.build_cache(cfg, progress=not args.quiet, overwrite=args.overwrite)
         else:
-            summary = trainer.train(cfg, progress=not args.no_progress)
+            summary = trainer.train(cfg, progress=not args.quiet, overwrite=args.overwrite)
     finally:
         trainer.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:

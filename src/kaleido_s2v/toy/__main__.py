@@ -169,12 +169,11 @@ def _assemble(args) -> int:
 
 
 def _reproduce(args) -> int:
-    import logging
-
+    from ..cli.options import package_logging
     from .model import load_recipe
     from .reproduce import reproduce
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    package_logging()
     s = reproduce(args.work, load_recipe(args.recipe), progress=not args.json,
                   log=(lambda msg: print(msg, file=sys.stderr)) if args.json else print, overwrite=args.overwrite)
     if args.json:

@@ -8,11 +8,22 @@ hold the same nesting; unknown keys are an error (the release silently dropped t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserInputError
+
+# (section, field) -> its flag, where it is not `--field-name`; fields without a flag are named by their config key
+_FLAGS = {("model", "path"): "--model", ("data", "path"): "--data", ("data", "num_frames"): "--frames",
+          ("lora", "rank"): "--lora-rank", ("lora", "alpha"): "--lora-alpha"}
+_NO_FLAG = {"betas", "eps", "target_modules", "tensorboard"}
+
+
+def flag(section: str, name: str) -> str:
+    """How an error names a setting: its command-line flag (flags override the config file)."""
+    return f"{section}.{name}" if name in _NO_FLAG else _FLAGS.get((section, name), f"--{name.replace('_', '-')}")
 
 
 @dataclass(kw_only=True)
@@ -89,29 +100,42 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> TrainConfig:
-        d, r = self.data, self.run
-        if (d.num_frames - 1) % 4:
-            raise UserInputError(f"--num-frames {d.num_frames} is not 4k+1 (the VAE's temporal stride): use e.g. 81")
-        if d.height <= 0 or d.width <= 0:
-            raise UserInputError(f"--height/--width {d.height}x{d.width} must be positive")
-        for name, p in (("text_dropout", d.text_dropout), ("reference_dropout", d.reference_dropout)):
-            if not 0.0 <= p <= 1.0:
-                raise UserInputError(f"data.{name} = {p} is not a probability in [0, 1]")
+        """Every setting in range; a `UserInputError` naming the flag (`flag`) otherwise."""
+        d, o, r = self.data, self.optim, self.run
+
+        def need(ok: bool, section: str, name: str, what: str) -> None:
+            if not ok:
+                raise UserInputError(f"{flag(section, name)} {getattr(getattr(self, section), name)} must be {what}")
+
+        for section, name in (("data", "height"), ("data", "width"), ("data", "max_sequence_length"),
+                              ("run", "max_steps"), ("run", "batch_size"), ("run", "grad_accum"),
+                              ("run", "save_every"), ("parallel", "cp_degree")):
+            need(getattr(getattr(self, section), name) >= 1, section, name, "at least 1")
+        need(d.num_frames >= 1 and (d.num_frames - 1) % 4 == 0, "data", "num_frames",
+             "4k+1 (the VAE's temporal stride), e.g. 81")
+        need(0 < d.fps < math.inf, "data", "fps", "a positive number of frames per second, e.g. 16")
+        for section, name in (("data", "max_references"), ("data", "num_workers"), ("optim", "warmup_steps"),
+                              ("optim", "decay_steps"), ("run", "seed"), ("lora", "rank")):
+            need(getattr(getattr(self, section), name) >= 0, section, name, "at least 0")
+        for name in ("text_dropout", "reference_dropout"):
+            need(0.0 <= getattr(d, name) <= 1.0, "data", name, "a probability in [0, 1]")
+        need(0 < o.lr < math.inf, "optim", "lr", "a positive number, e.g. 5e-6")
+        need(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim", "betas", "two numbers in [0, 1)")
+        for name in ("eps", "weight_decay", "grad_clip"):
+            need(0 <= getattr(o, name) < math.inf, "optim", name, "a number >= 0" + " (0 = off)" * (name == "grad_clip"))
+        need(0.0 <= o.ema_decay < 1.0, "optim", "ema_decay", "in [0, 1) (e.g. 0.999; 0 = off)")
+        need(self.lora.alpha is None or 0 < self.lora.alpha < math.inf, "lora", "alpha", "a positive number")
+        need(self.model.ref_rope_offset is None or self.model.ref_rope_offset >= 0, "model", "ref_rope_offset",
+             "at least 0")
+        warmup = min(o.warmup_steps, r.max_steps)  # a run shorter than the warmup warms up over the whole run
+        if o.decay_steps > r.max_steps - warmup:
+            raise UserInputError(f"--decay-steps {o.decay_steps} must be at most --max-steps minus the warmup "
+                                 f"({r.max_steps} - {warmup} = {r.max_steps - warmup}): lower --decay-steps or "
+                                 "--warmup-steps, or raise --max-steps")
         if self.parallel.mixed_precision not in ("bf16", "fp32"):
             raise UserInputError(f"--mixed-precision {self.parallel.mixed_precision!r}: choose bf16 or fp32")
-        for name in ("max_steps", "batch_size", "grad_accum", "save_every"):
-            if getattr(r, name) < 1:
-                raise UserInputError(f"--{name.replace('_', '-')} {getattr(r, name)} must be at least 1")
-        if not 0 <= self.optim.decay_steps <= r.max_steps - self.optim.warmup_steps:
-            raise UserInputError(f"--decay-steps {self.optim.decay_steps}: must be in [0, max_steps - warmup_steps]")
-        if not 0.0 <= self.optim.ema_decay < 1.0:
-            raise UserInputError(f"--ema-decay {self.optim.ema_decay} must be in [0, 1) (e.g. 0.999; 0 = off)")
-        if self.optim.ema_decay > 0 and self.lora.rank > 0:
+        if o.ema_decay > 0 and self.lora.rank > 0:
             raise UserInputError("--ema-decay works with a full fine-tune only: drop it or --lora-rank")
-        if self.lora.rank < 0:
-            raise UserInputError(f"--lora-rank {self.lora.rank} must be >= 0 (0 = full fine-tune)")
-        if self.parallel.cp_degree < 1:
-            raise UserInputError(f"--cp-degree {self.parallel.cp_degree} must be >= 1")
         if self.parallel.compile and self.parallel.cp_degree > 1:
             raise UserInputError("--compile with --cp-degree > 1 is not supported (diffusers' context-parallel "
                                  "hooks): drop one of them")
@@ -147,11 +171,43 @@ def _from_dict(cls, values: dict[str, Any], where: str):
         sub = _SECTIONS.get(key) if cls is TrainConfig else None
         if sub is not None:
             kwargs[key] = _from_dict(sub, value or {}, key)
-        elif key == "betas":
-            kwargs[key] = tuple(float(b) for b in value)
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(value, fields[key].type, f"{where}.{key}")
     return cls(**kwargs)
+
+
+def _number(value) -> float | None:
+    """`value` as a float: ints, floats and numeric strings (YAML reads `5e-6`, without a dot, as a string)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value) if isinstance(value, (int, float, str)) else None
+    except ValueError:
+        return None
+
+
+_TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+          "tuple[float, float]": "a list of two numbers", "list[str]": "a list of strings"}
+
+
+def _typed(value, annotation: str, key: str):
+    """A YAML value checked against its field's type (the annotation's text), numbers converted."""
+    base, _, optional = annotation.partition(" | ")
+    if value is None and optional == "None":
+        return None
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "float" and _number(value) is not None:
+        return _number(value)
+    if base in ("str", "bool") and type(value) is {"str": str, "bool": bool}[base]:
+        return value
+    if base == "tuple[float, float]" and isinstance(value, list | tuple) and len(value) == 2:
+        numbers = tuple(map(_number, value))
+        if None not in numbers:
+            return numbers
+    if base == "list[str]" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UserInputError(f"config key '{key}' is {value!r}: give {_TYPES[base]}" + (" or null" * (optional == "None")))
 
 
 _SECTIONS = dict(
@@ -178,8 +234,10 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
     from ..fileio import read_mapping
 
     values = read_mapping(path, "config", "sections (model, data, optim, ...)")
-    base = recipe(values["recipe"]) if "recipe" in values else None
-    return config_from_dict(values, base)
+    try:
+        return config_from_dict(values, recipe(values["recipe"]) if "recipe" in values else None)
+    except UserInputError as e:
+        raise UserInputError(f"--config '{path}': {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- recipes

@@ -60,7 +60,12 @@ def _folder_samples(root: Path, max_references: int) -> list[Sample]:
 def _manifest_samples(manifest: Path, max_references: int) -> list[Sample]:
     base = manifest.parent
     samples = []
-    for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserInputError(f"--data '{manifest}' cannot be read as a UTF-8 manifest.jsonl ({type(e).__name__}): "
+                             "give the manifest kaleido-s2v curate wrote") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -252,19 +257,33 @@ class VideoDataset(torch.utils.data.Dataset):
         return dict(clip_id=s.clip_id, pixels=resize_center_crop(frames, self.cfg.height, self.cfg.width),
                     caption=s.caption, references=refs)
 
+    def check_readable(self, what: str) -> None:
+        """At least one sample loads (else no step could run): a `UserInputError` naming `what` (the data) if not."""
+        first = None
+        for index, s in enumerate(self.samples):
+            try:
+                self.load(index, rng=None)
+                return
+            except Exception as e:  # whatever the decoder raises
+                first = first or f"{s.clip_id}: {_first_line(e)}"
+        raise UserInputError(f"{what}: none of its {len(self.samples)} samples can be read (first: {first}): "
+                             "check the videos and references")
+
     def __getitem__(self, key: SlotKey) -> dict:
         rng = np.random.default_rng(slot_seed(key.seed, key.step, key.slot, 0))
         text_drop = rng.random() < self.cfg.text_dropout
         ref_drop = rng.random() < self.cfg.reference_dropout
-        for attempt in range(self.max_retries):
+        attempts = min(self.max_retries, len(self.samples))
+        for attempt in range(attempts):
             index = (key.index + attempt) % len(self.samples)
             try:
                 item = self.load(index, rng)
                 break
             except Exception as e:  # a bad sample must never stop a run
-                logger.warning("skipping sample %s: %s", self.samples[index].clip_id, e)
+                logger.warning("skipping sample %s: %s", self.samples[index].clip_id, _first_line(e))
         else:
-            raise RuntimeError(f"{self.max_retries} consecutive samples could not be read: check the data")
+            raise UserInputError(f"{attempts} consecutive samples (from {self.samples[key.index].clip_id} on) could "
+                                 "not be read: check the data")
         self.drop(item, text=text_drop, references=ref_drop)
         item["slot"] = key
         return item
@@ -276,6 +295,11 @@ class VideoDataset(torch.utils.data.Dataset):
             item["references"] = []
 
 
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
 class CachedDataset(VideoDataset):
     """Samples from a latent cache: dict(clip_id, latents (C, T, h, w), text (L, D), ref_latents [(C, 1, h, w)])."""
 
@@ -283,7 +307,11 @@ class CachedDataset(VideoDataset):
         super().__init__(samples, cfg)
         self.cache_dir = Path(cache_dir)
         check_cache(self.cache_dir, cfg, model)
-        self.empty_text = torch.load(self.cache_dir / "empty_text.pt", weights_only=True)
+        try:
+            self.empty_text = torch.load(self.cache_dir / "empty_text.pt", weights_only=True)
+        except Exception as e:  # missing, truncated, not a tensor file
+            raise UserInputError(f"--cache-dir '{cache_dir}': empty_text.pt cannot be read ({_first_line(e)}): "
+                                 "rebuild the cache with --build-cache") from None
 
     def _text(self, states: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(self.cfg.max_sequence_length, states.shape[-1], dtype=states.dtype)
@@ -316,11 +344,19 @@ def cache_meta(cfg, model: str | os.PathLike = "") -> dict:
 def check_cache(cache_dir: Path, cfg, model: str | os.PathLike = "") -> None:
     meta_path = cache_dir / "cache.json"
     if not meta_path.is_file():
-        raise UserInputError(f"latent cache '{cache_dir}' has no cache.json: build it with `kaleido-s2v train --build-cache`")
-    meta = json.loads(meta_path.read_text())
+        raise UserInputError(f"--cache-dir '{cache_dir}' has no cache.json: build it with "
+                             "`kaleido-s2v train --build-cache`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserInputError(f"--cache-dir '{cache_dir}': its cache.json is damaged: rebuild the cache with "
+                             "--build-cache")
     want = cache_meta(cfg, model)
     diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if diff:
         raise UserInputError(
-            f"latent cache '{cache_dir}' was built with different settings {diff} (cache, now): rebuild it or fix the flags"
+            f"--cache-dir '{cache_dir}' was built with different settings {diff} (cache, now): rebuild it or fix "
+            "the flags"
         )

@@ -9,6 +9,8 @@ Outputs under `run.output`:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -38,34 +40,31 @@ from .parallelize import (
 
 logger = logging.getLogger(__name__)
 
-COMPONENT_FILES = {
-    "transformer": "config.json + diffusion_pytorch_model*.safetensors",
-    "vae": "config.json + diffusion_pytorch_model*.safetensors",
-    "text_encoder": "config.json + model*.safetensors",
-    "tokenizer": "tokenizer files",
-}
+MADE_BY = "kaleido-s2v train"  # the marker of a run folder (--output)
+CACHE_MADE_BY = "kaleido-s2v train --build-cache"  # the marker of a latent cache (--cache-dir)
+FROZEN = ("vae", "text_encoder", "tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------- components
-def check_model_dir(path: str | os.PathLike, need_transformer: bool = True) -> Path:
-    root = Path(path)
-    if not root.is_dir():
-        raise UserInputError(f"--model '{root}' is not a folder: give a diffusers pipeline folder (model_index.json, ...)")
-    wanted = [c for c in COMPONENT_FILES if need_transformer or c != "transformer"]
-    missing = [c for c in wanted if not (root / c).is_dir()]
-    if missing:
-        raise UserInputError(
-            f"--model '{root}' lacks {', '.join(f'{c}/ ({COMPONENT_FILES[c]})' for c in missing)}: "
-            "give a diffusers pipeline folder (see `kaleido-s2v convert`)"
-        )
-    return root
+def check_model(cfg: TrainConfig, need_transformer: bool = True) -> None:
+    """The --model folder whole (configs parse, weights complete) and the frame size (and CP split) it allows."""
+    from ..builtin import size_multiple, vae_stride
+    from ..model_folder import check_model_folder
+
+    components = (("transformer",) if need_transformer else ()) + FROZEN
+    check_model_folder(cfg.model.path, "--model", components=components, index=False)
+    check_frame_size(cfg)
+    if cfg.parallel.cp_degree > 1:
+        stride = vae_stride(cfg.model.path)
+        check_cp_divides(cfg.parallel.cp_degree, cfg.data.height, cfg.data.width,
+                         size_multiple(cfg.model.path) // stride, stride)
 
 
 def check_frame_size(cfg: TrainConfig) -> None:
     """Height and width must be multiples of the model's VAE stride × patch size (16 for the release)."""
     from ..builtin import size_multiple
 
-    d, multiple = cfg.data, size_multiple(check_model_dir(cfg.model.path, need_transformer=False))
+    d, multiple = cfg.data, size_multiple(cfg.model.path)
     if d.height % multiple or d.width % multiple:
         raise UserInputError(
             f"--height/--width {d.height}x{d.width} must be multiples of {multiple} for this model (VAE stride x patch)"
@@ -76,11 +75,24 @@ def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
     """Tokenizer, text encoder and VAE (frozen, eval). The VAE stays fp32."""
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
+    from transformers.utils import logging as hf_logging
 
-    root = check_model_dir(model_dir, need_transformer=False)
-    tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype).to(device).eval()
-    vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=torch.float32).to(device).eval()
+    from ..model_folder import loading
+
+    root = Path(model_dir)
+    with loading(root / "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar: a run shows the training bar only
+    try:
+        with loading(root / "text_encoder"):
+            text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    with loading(root / "vae"):
+        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32)
+    text_encoder, vae = text_encoder.to(device).eval(), vae.to(device).eval()
     text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
@@ -88,6 +100,7 @@ def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
 
 def load_transformer(model_dir, ref_rope: str | None = None, ref_rope_offset: int | None = None):
     """KaleidoTransformer3DModel (fp32 master weights) from `model_dir/transformer`; Wan2.1 folders load too."""
+    from ..model_folder import loading
     from ..transformer import KaleidoTransformer3DModel
 
     overrides = {}
@@ -95,8 +108,10 @@ def load_transformer(model_dir, ref_rope: str | None = None, ref_rope_offset: in
         overrides["ref_rope"] = ref_rope
     if ref_rope_offset is not None:
         overrides["ref_rope_offset"] = ref_rope_offset
-    root = check_model_dir(model_dir)
-    return KaleidoTransformer3DModel.from_pretrained(root, subfolder="transformer", torch_dtype=torch.float32, **overrides)
+    root = Path(model_dir)
+    with loading(root / "transformer"):
+        return KaleidoTransformer3DModel.from_pretrained(root, subfolder="transformer", dtype=torch.float32,
+                                                         **overrides)
 
 
 def build_model(cfg: TrainConfig, rt: Runtime):
@@ -125,7 +140,7 @@ def build_model(cfg: TrainConfig, rt: Runtime):
         config = dict(loaded.config)
         del loaded
     else:
-        config = dict(KaleidoTransformer3DModel.load_config(check_model_dir(cfg.model.path), subfolder="transformer"))
+        config = dict(KaleidoTransformer3DModel.load_config(cfg.model.path, subfolder="transformer"))
         if cfg.model.ref_rope is not None:
             config["ref_rope"] = cfg.model.ref_rope
         if cfg.model.ref_rope_offset is not None:
@@ -133,6 +148,20 @@ def build_model(cfg: TrainConfig, rt: Runtime):
     with torch.device("meta"):
         model = KaleidoTransformer3DModel.from_config(config)
     return model, with_lora(model), full_state
+
+
+def rms_norm_in_fp32(model) -> None:
+    """Run the attention's q/k `RMSNorm`s in fp32, as CUDA's autocast does (rms_norm is on its fp32 list).
+
+    CPU autocast leaves rms_norm alone: it gets bf16 activations with the fp32 weights, which torch's fused kernel
+    refuses (a UserWarning, then a composite fallback). The input is cast up and the output back to its dtype.
+    """
+    def forward(norm, x):
+        return torch.nn.functional.rms_norm(x.float(), norm.normalized_shape, norm.weight, norm.eps).to(x.dtype)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.RMSNorm):
+            m.forward = functools.partial(forward, m)
 
 
 def materialize_from_rank0(model, full_state: dict | None, device) -> None:
@@ -207,7 +236,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup over `warmup_steps` optimizer steps, then constant (the release's constant schedule), then,
     with `decay_steps`, a linear decay to 0 over the run's last steps (warmup-stable-decay, as torchtitan's)."""
     o = cfg.optim
-    scale = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+    warmup = min(o.warmup_steps, cfg.run.max_steps)  # a run shorter than the warmup warms up over the whole run
+    scale = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     left = cfg.run.max_steps - step  # steps left, this one included
     if o.decay_steps > 0 and left <= o.decay_steps:
         scale = min(scale, left / (o.decay_steps + 1))
@@ -222,6 +252,34 @@ def _barrier(rt: Runtime) -> None:
 def find_latest_checkpoint(output: Path) -> Path | None:
     ckpts = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json of a checkpoint folder, checked: a `UserInputError` naming --resume otherwise."""
+    where = f"--resume '{path}'"
+    if path.is_dir() and not (path / "trainer_state.json").exists() and find_latest_checkpoint(path) is not None:
+        raise UserInputError(f"{where} is a run folder, not a checkpoint: give {find_latest_checkpoint(path)}, "
+                             f"or --resume latest with --output {path}")
+    if not (path / "trainer_state.json").is_file() or not (path / ".metadata").is_file():
+        raise UserInputError(f"{where} is not a checkpoint folder (trainer_state.json and .metadata): give "
+                             "OUTPUT/checkpoint-<step>, or 'latest'")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        int(state["step"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise UserInputError(f"{where}: its trainer_state.json is damaged (no step): resume from another "
+                             "checkpoint") from None
+    return state
+
+
+def resume_checkpoint(cfg: TrainConfig, output: Path) -> Path | None:
+    """The checked checkpoint folder `run.resume` names (`latest`: the newest in `output`, None if there is none)."""
+    if not cfg.run.resume:
+        return None
+    ckpt = find_latest_checkpoint(output) if cfg.run.resume == "latest" else Path(cfg.run.resume)
+    if ckpt is not None:
+        read_trainer_state(ckpt)
+    return ckpt
 
 
 def _state_dicts(model, optimizer, lora: bool):
@@ -259,10 +317,7 @@ def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, ema=None) ->
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state_file = path / "trainer_state.json"
-    if not state_file.is_file():
-        raise UserInputError(f"--resume '{path}' is not a checkpoint folder (no trainer_state.json): give checkpoint-<step>")
-    trainer_state = json.loads(state_file.read_text())
+    trainer_state = read_trainer_state(path)
     model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
     state = {"model": model_sd, "optim": optim_sd}
     if ema is not None and trainer_state.get("ema"):
@@ -383,32 +438,54 @@ class _Metrics:
 
 # ---------------------------------------------------------------------------------------------- training
 def build_dataset(cfg: TrainConfig):
+    """The dataset of `data.path` (from `data.cache_dir` when set), checked to hold at least one readable sample."""
     samples = discover_samples(cfg.data.path, cfg.data.max_references)
     if cfg.data.cache_dir:
-        return CachedDataset(samples, cfg.data, cfg.data.cache_dir, cfg.model.path)
-    return VideoDataset(samples, cfg.data)
+        dataset = CachedDataset(samples, cfg.data, cfg.data.cache_dir, cfg.model.path)
+        dataset.check_readable(f"--cache-dir '{cfg.data.cache_dir}'")
+    else:
+        dataset = VideoDataset(samples, cfg.data)
+        dataset.check_readable(f"--data '{cfg.data.path}'")
+    return dataset
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
-    """Run training as configured; returns a summary (steps, last loss, output paths)."""
+def _owned(folder: Path, made_by: str, rt: Runtime):
+    """The main process writes `folder` (see `fileio.output_folder`); the others write into it once it exists."""
+    from ..fileio import output_folder
+
+    return output_folder(folder, made_by) if rt.is_main else contextlib.nullcontext(folder)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run training as configured; returns a summary (steps, last loss, output paths).
+
+    Everything that can be checked is checked before `run.output` is made; an error before the first write
+    leaves no run folder behind. `overwrite`: also write into an --output folder train did not make.
+    """
+    from ..fileio import claim_folder
+
+    cfg.validate()
+    if not cfg.run.output:
+        raise UserInputError("--output is required: give a folder for checkpoints, metrics and the final weights")
+    output = Path(cfg.run.output)
+    claim_folder(output, "--output", MADE_BY, overwrite=overwrite)
+    check_model(cfg)
+    if cfg.parallel.compile:
+        check_compile_toolchain()
+    dataset = build_dataset(cfg)
+    resume = resume_checkpoint(cfg, output)
+    rt = init_runtime(cfg.parallel.cp_degree)
+    with _owned(output, MADE_BY, rt):
+        return _train(cfg, rt, output, dataset, resume, progress)
+
+
+def _train(cfg: TrainConfig, rt: Runtime, output: Path, dataset, resume: Path | None, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     from .data import StepBatchSampler
 
-    cfg.validate()
-    check_frame_size(cfg)
-    if cfg.parallel.compile:
-        check_compile_toolchain()
-    if not cfg.run.output:
-        raise UserInputError("--output is required: give a folder for checkpoints, metrics and the final weights")
-    rt = init_runtime(cfg.parallel.cp_degree)
-    output = Path(cfg.run.output)
-    if rt.is_main:
-        output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
-
     bf16 = cfg.parallel.mixed_precision == "bf16"
-    dataset = build_dataset(cfg)
     frozen = None if cfg.data.cache_dir else load_frozen_components(
         cfg.model.path, rt.device, torch.bfloat16 if bf16 and rt.device.type == "cuda" else torch.float32
     )
@@ -418,10 +495,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     model.train()
     if not rt.dims.distributed:
         model.to(rt.device)
+        if bf16 and rt.device.type == "cpu":  # under autocast (below)
+            rms_norm_in_fp32(model)
     if cfg.parallel.gradient_checkpointing:
         apply_activation_checkpointing(model)
     if rt.cp_mesh is not None:
-        check_cp_divides(rt.dims.cp, cfg.data.height, cfg.data.width, model.config.patch_size[1])
         apply_context_parallel(model, rt.cp_mesh)
     if cfg.parallel.compile:
         apply_compile(model)
@@ -437,14 +515,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     ema = ParameterEMA(model, o.ema_decay) if o.ema_decay > 0 else None
 
     start_step = 0
-    if cfg.run.resume:
-        ckpt = find_latest_checkpoint(output) if cfg.run.resume == "latest" else Path(cfg.run.resume)
-        if ckpt is not None:
-            start_step = load_checkpoint(ckpt, model, optimizer, cfg, ema)
-            if rt.is_main:
-                logger.info("resumed from %s at step %d", ckpt, start_step)
-        elif rt.is_main:
-            logger.info("--resume latest: no checkpoint in %s, starting from step 0", output)
+    if resume is not None:
+        start_step = load_checkpoint(resume, model, optimizer, cfg, ema)
+        if rt.is_main:
+            logger.info("resumed from %s at step %d", resume, start_step)
+    elif cfg.run.resume and rt.is_main:
+        logger.info("--resume latest: no checkpoint in %s, starting from step 0", output)
+    if o.warmup_steps > cfg.run.max_steps and rt.is_main:  # `lr_at` clips it
+        logger.info("warmup_steps %d > max_steps %d: warming up over %d steps", o.warmup_steps, cfg.run.max_steps,
+                    cfg.run.max_steps)
 
     sampler = StepBatchSampler(
         len(dataset), batch_size=cfg.run.batch_size, grad_accum=cfg.run.grad_accum, dp_rank=rt.dp_rank,
@@ -528,23 +607,36 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def build_cache(cfg: TrainConfig, *, progress: bool = True) -> dict:
-    """Encode every sample once (first window, no dropout) into `data.cache_dir`; ranks split the samples."""
+def build_cache(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """Encode every sample once (first window, no dropout) into `data.cache_dir`; ranks split the samples.
+
+    Checked before the cache folder is made, as `train`; `overwrite`: also write into a folder it did not make.
+    """
+    from ..fileio import claim_folder
+
+    cfg.validate()
+    if not cfg.data.cache_dir:
+        raise UserInputError("--build-cache needs --cache-dir: the folder to write the latents to")
+    cache = Path(cfg.data.cache_dir)
+    claim_folder(cache, "--cache-dir", CACHE_MADE_BY, overwrite=overwrite)
+    check_model(cfg, need_transformer=False)
+    samples = discover_samples(cfg.data.path, cfg.data.max_references)
+    VideoDataset(samples, cfg.data).check_readable(f"--data '{cfg.data.path}'")
+    rt = init_runtime(1)
+    with _owned(cache, CACHE_MADE_BY, rt):
+        _barrier(rt)
+        return _build_cache(cfg, rt, cache, samples, progress)
+
+
+def _build_cache(cfg: TrainConfig, rt: Runtime, cache: Path, samples: list, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     from ..fileio import atomic_path
     from ..latents import encode_references, encode_video
     from ..text import encode_text
-    from .data import VideoDataset, cache_meta
+    from .data import cache_meta
 
-    if not cfg.data.cache_dir:
-        raise UserInputError("--build-cache needs --cache-dir: the folder to write the latents to")
-    check_frame_size(cfg)
-    rt = init_runtime(1)
     d = cfg.data
-    cache = Path(d.cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    samples = discover_samples(d.path, d.max_references)
     frozen = load_frozen_components(cfg.model.path, rt.device)
 
     def text_states(caption: str) -> torch.Tensor:
