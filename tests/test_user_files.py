@@ -195,9 +195,17 @@ def test_no_process_connects_outside_even_after_onnxruntime_wakes_up(tmp_path):
     assert outside == []
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0, 3.0, 4.5])
+def test_a_plain_generate_prints_progress_and_its_result_only(tmp_path):
+    proc = subprocess.run([str(BIN), "generate", *PROMPT, "--steps", "2", "--seed", "0", "-o", "a.mp4"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "warn" not in proc.stderr.lower(), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].split("\r")[-1].strip().startswith("wrote a.mp4")
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.5, 3.0])
 def test_ctrl_c_during_start_up_is_interrupted_exit_130(tmp_path, delay):
-    proc = subprocess.Popen([str(BIN), "generate", *PROMPT, "-o", str(tmp_path / "a.mp4"), "--steps", "50"],
+    proc = subprocess.Popen([str(BIN), "generate", *PROMPT, "-o", str(tmp_path / "a.mp4"), "--steps", "500"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
