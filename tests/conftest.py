@@ -1,10 +1,14 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# torch.compile's kernel cache is keyed too loosely to share between CPUs with other instruction sets (an AVX-512
+# cache read under AVX2 gave NaN losses): every session compiles into its own folder.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="kaleido-inductor-"))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTDATA = Path(os.environ.get("KALEIDO_TESTDATA", REPO_ROOT.parent / "shared" / "testdata"))
