@@ -162,6 +162,7 @@ CASES: list[Bad] = [
     Bad("g-fps-0", "--fps 0", _gen("--fps", "0"), "--fps 0: must be at least 1"),
     Bad("g-msl-0", "--max-sequence-length 0", _gen("--max-sequence-length", "0"), "--max-sequence-length 0"),
     Bad("g-guidance-negative", "--guidance -1", _gen("--guidance", "-1"), "--guidance -1.0: must be at least 0"),
+    Bad("g-guidance-nan", "--guidance nan", _gen("--guidance", "nan"), "--guidance nan: must be at least 0"),
     # --- generate: device and memory
     Bad("g-device-unknown", "an unknown --device", _gen("--device", "gpu0"), "--device 'gpu0' is not a device"),
     Bad("g-device-cuda", "--device cuda without a GPU", _gen("--device", "cuda"), "no CUDA device", needs_no_cuda=True),
@@ -315,6 +316,8 @@ CASES: list[Bad] = [
     # --- evaluate
     Bad("e-cases-missing", "--cases that does not exist", lambda w: ["evaluate", "--cases", "nope.jsonl", "--videos",
         "empty", "--output", "o"], "does not exist"),
+    Bad("e-cases-binary", "--cases naming a file that is not text", lambda w: ["evaluate", "--cases", "img.png",
+        "--videos", "empty", "--output", "o"], "is not UTF-8 text"),
     Bad("e-output-user", "--output naming the user's folder", lambda w: ["evaluate", "--cases", "cases.jsonl",
         "--videos", "videos", "--output", "project"], "already exists and was not made by kaleido-s2v evaluate",
         setup=_eval_cases),

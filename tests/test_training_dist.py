@@ -46,6 +46,7 @@ def assert_same_weights(a, b, atol=1e-5):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load below, in this one process on purpose
 def test_fsdp2_two_ranks_match_one_process(tmp_path, dirs):
     import torch.distributed.checkpoint as dcp
 

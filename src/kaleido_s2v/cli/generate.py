@@ -185,8 +185,9 @@ def _check_case(case: Case, max_references: int, builtin: bool, where: str, ref_
     """
     from kaleido_s2v.references import load_reference
 
-    _check_text(case.prompt, f"{where}: the prompt")
-    _check_text(case.negative_prompt, f"{where}: the negative prompt")
+    single = where == "--prompt"
+    _check_text(case.prompt, "--prompt" if single else f"{where}: the prompt")
+    _check_text(case.negative_prompt, "--negative-prompt" if single else f"{where}: the negative prompt")
     if not case.prompt.strip():
         raise UserInputError(f"{where}: the prompt is empty: describe the video to generate")
     if not case.references:

@@ -7,6 +7,7 @@ Canonical spellings: `--quiet` (hides progress bars; `--no-progress` is a hidden
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..errors import UserInputError
 
@@ -57,8 +58,8 @@ def check_seed(seed, where: str = "--seed") -> int | None:
 
 
 def check_at_least(value, flag: str, minimum: float = 1, hint: str = ""):
-    """`value` (None: not given) must be >= minimum; 0 is refused like any other out-of-range value."""
-    if value is not None and value < minimum:
+    """`value` (None: not given) must be finite and >= minimum; 0 is refused like any other out-of-range value."""
+    if value is not None and not (math.isfinite(value) and value >= minimum):
         raise UserInputError(f"{flag} {value}: must be at least {minimum}{f' ({hint})' if hint else ''}")
     return value
 

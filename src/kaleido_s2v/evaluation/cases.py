@@ -51,12 +51,17 @@ def read_cases(cases_file: str | os.PathLike, videos_dir: str | os.PathLike) -> 
     """
     cases_file, videos_dir = Path(cases_file), Path(videos_dir)
     if not cases_file.is_file():
-        raise UserInputError(f"cases file '{cases_file}' does not exist: give a JSONL file, one case per line")
+        what = "is a folder" if cases_file.is_dir() else "does not exist"
+        raise UserInputError(f"cases file '{cases_file}' {what}: give a JSONL file, one case per line")
     if not videos_dir.is_dir():
         raise UserInputError(f"videos folder '{videos_dir}' does not exist: give the folder of generated videos")
     base = cases_file.parent
     cases, seen = [], set()
-    for n, line in enumerate(cases_file.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = cases_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserInputError(f"cases file '{cases_file}' is not UTF-8 text: give a JSONL file, one case per line") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"{cases_file}:{n}"
