@@ -43,3 +43,12 @@ def cpp_compiler() -> str:
     if compiler is None:
         pytest.skip("torch.compile on CPU needs a C++ compiler")
     return compiler
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """(tiny pipeline folder, synthetic training data folder), for the trainer's tests."""
+    from tests.test_training import write_synthetic_data, write_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("train")
+    return write_tiny_pipeline(root / "model"), write_synthetic_data(root / "data")

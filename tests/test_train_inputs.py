@@ -15,21 +15,15 @@ import pytest
 
 from kaleido_s2v.cli import main
 from tests.test_bad_input import snapshot
-from tests.test_training import read_metrics, write_synthetic_data, write_tiny_pipeline
+from tests.test_training import read_metrics
 
 SIZES = ["--height", "32", "--width", "32", "--frames", "5", "--max-sequence-length", "16", "--warmup-steps", "0"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_inputs")
-    return write_tiny_pipeline(root / "model"), write_synthetic_data(root / "data")
-
-
-@pytest.fixture(scope="module")
-def run1(tmp_path_factory, tiny):
+def run1(tmp_path_factory, tiny_dirs):
     """A full fine-tune of one step (checkpoint-1, final/), made by `kaleido-s2v train`."""
-    model, data = tiny
+    model, data = tiny_dirs
     out = tmp_path_factory.mktemp("run1") / "run"
     assert main(["train", "--model", str(model), "--data", str(data), "--output", str(out), *SIZES,
                  "--max-steps", "1", "--save-every", "1", "--quiet"]) == 0
@@ -48,8 +42,8 @@ def refused(capsys, args: list[str], *names: str) -> str:
     return err
 
 
-def good_args(tiny, out: Path) -> list[str]:
-    model, data = tiny
+def good_args(tiny_dirs, out: Path) -> list[str]:
+    model, data = tiny_dirs
     return ["--model", str(model), "--data", str(data), "--output", str(out), *SIZES, "--max-steps", "1", "--quiet"]
 
 
@@ -85,9 +79,9 @@ def good_args(tiny, out: Path) -> list[str]:
     (["--ref-rope-offset", "-1"], "--ref-rope-offset -1"),
     (["--cp-degree", "0"], "--cp-degree 0"),
 ])
-def test_setting_out_of_range(tmp_path, capsys, tiny, flags, named):
+def test_setting_out_of_range(tmp_path, capsys, tiny_dirs, flags, named):
     before = snapshot(tmp_path)
-    refused(capsys, [*good_args(tiny, tmp_path / "out"), *flags], named)
+    refused(capsys, [*good_args(tiny_dirs, tmp_path / "out"), *flags], named)
     assert snapshot(tmp_path) == before  # no --output folder
 
 
@@ -100,11 +94,11 @@ def test_setting_out_of_range(tmp_path, capsys, tiny, flags, named):
     ("run:\n  max_stepz: 3\n", "unknown config key 'run.max_stepz'"),
     ("optim:\n  lr: -1.0e-4\n", None),  # a value out of range: named by its flag, as any setting
 ])
-def test_config_file_errors(tmp_path, capsys, tiny, yaml, named):
+def test_config_file_errors(tmp_path, capsys, tiny_dirs, yaml, named):
     (tmp_path / "c.yaml").write_text(yaml)
     before = snapshot(tmp_path)
     names = [f"--config '{tmp_path / 'c.yaml'}'", named] if named else ["--lr -0.0001 must be a positive number"]
-    refused(capsys, ["--config", str(tmp_path / "c.yaml"), *good_args(tiny, tmp_path / "out")], *names)
+    refused(capsys, ["--config", str(tmp_path / "c.yaml"), *good_args(tiny_dirs, tmp_path / "out")], *names)
     assert snapshot(tmp_path) == before
 
 
@@ -132,18 +126,18 @@ def _truncate(path: Path) -> None:
     (lambda m: shutil.rmtree(m / "tokenizer"), "tokenizer"),
     (lambda m: (m / "transformer" / "config.json").write_text(json.dumps({"num_layers": "two"})), "transformer"),
 ])
-def test_damaged_model_folder(tmp_path, capsys, tiny, damage, named):
-    model = shutil.copytree(tiny[0], tmp_path / "model")
+def test_damaged_model_folder(tmp_path, capsys, tiny_dirs, damage, named):
+    model = shutil.copytree(tiny_dirs[0], tmp_path / "model")
     damage(model)
     before = snapshot(tmp_path)
-    refused(capsys, [*good_args(tiny, tmp_path / "out"), "--model", str(model)], "--model", named)
+    refused(capsys, [*good_args(tiny_dirs, tmp_path / "out"), "--model", str(model)], "--model", named)
     assert snapshot(tmp_path) == before
 
 
-def test_model_is_a_file(tmp_path, capsys, tiny):
+def test_model_is_a_file(tmp_path, capsys, tiny_dirs):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     before = snapshot(tmp_path)
-    refused(capsys, [*good_args(tiny, tmp_path / "out"), "--model", str(tmp_path / "model.safetensors")],
+    refused(capsys, [*good_args(tiny_dirs, tmp_path / "out"), "--model", str(tmp_path / "model.safetensors")],
             "--model", "is a file")
     assert snapshot(tmp_path) == before
 
@@ -158,19 +152,19 @@ def _corrupt_data(root: Path, n: int = 2) -> Path:
     return root
 
 
-def test_every_video_corrupt(tmp_path, capsys, tiny):
+def test_every_video_corrupt(tmp_path, capsys, tiny_dirs):
     data = _corrupt_data(tmp_path / "data")
     before = snapshot(tmp_path)
-    refused(capsys, [*good_args(tiny, tmp_path / "out"), "--data", str(data)], f"--data '{data}'",
+    refused(capsys, [*good_args(tiny_dirs, tmp_path / "out"), "--data", str(data)], f"--data '{data}'",
             "none of its 2 samples can be read", "v0")
     assert snapshot(tmp_path) == before
 
 
-def test_some_videos_corrupt_are_skipped(tmp_path, caplog, tiny):
+def test_some_videos_corrupt_are_skipped(tmp_path, caplog, tiny_dirs):
     """One unreadable clip among good ones: logged and replaced by the next one, the run goes on."""
-    data = shutil.copytree(tiny[1], tmp_path / "data")
+    data = shutil.copytree(tiny_dirs[1], tmp_path / "data")
     (data / "videos" / "c1.mp4").write_bytes(b"not a video")
-    assert main(["train", *good_args(tiny, tmp_path / "out"), "--data", str(data), "--max-steps", "2",
+    assert main(["train", *good_args(tiny_dirs, tmp_path / "out"), "--data", str(data), "--max-steps", "2",
                  "--batch-size", "3"]) == 0
     assert "skipping sample c1" in caplog.text and len(read_metrics(tmp_path / "out")) == 2
 
@@ -180,10 +174,10 @@ def test_some_videos_corrupt_are_skipped(tmp_path, caplog, tiny):
     (lambda p: (p.mkdir(), (p / "manifest.jsonl").write_bytes(b"\xff\xfe\x00bad")), "UTF-8"),
     (lambda p: (p.mkdir(), (p / "manifest.jsonl").write_text("not json\n")), "holds no training samples"),
 ])
-def test_bad_data_path(tmp_path, capsys, tiny, make, named):
+def test_bad_data_path(tmp_path, capsys, tiny_dirs, make, named):
     make(tmp_path / "data")
     before = snapshot(tmp_path)
-    refused(capsys, [*good_args(tiny, tmp_path / "out"), "--data", str(tmp_path / "data")], "--data", named)
+    refused(capsys, [*good_args(tiny_dirs, tmp_path / "out"), "--data", str(tmp_path / "data")], "--data", named)
     assert snapshot(tmp_path) == before
 
 
@@ -191,10 +185,10 @@ def test_bad_data_path(tmp_path, capsys, tiny, make, named):
     (lambda p: p.mkdir(), "has no cache.json"),
     (lambda p: (p.mkdir(), (p / "cache.json").write_text("{")), "cache.json is damaged"),
 ])
-def test_bad_cache_dir(tmp_path, capsys, tiny, make, named):
+def test_bad_cache_dir(tmp_path, capsys, tiny_dirs, make, named):
     make(tmp_path / "cache")
     before = snapshot(tmp_path)
-    refused(capsys, [*good_args(tiny, tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")], "--cache-dir", named)
+    refused(capsys, [*good_args(tiny_dirs, tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")], "--cache-dir", named)
     assert snapshot(tmp_path) == before
 
 
@@ -213,67 +207,67 @@ def _fake_checkpoint(path: Path, state: str) -> Path:
     (lambda p: _fake_checkpoint(p, "{"), "trainer_state.json is damaged"),
     (lambda p: _fake_checkpoint(p / "checkpoint-3", '{"step": 3}'), "is a run folder, not a checkpoint"),
 ])
-def test_resume_not_a_checkpoint(tmp_path, capsys, tiny, make, named):
+def test_resume_not_a_checkpoint(tmp_path, capsys, tiny_dirs, make, named):
     make(tmp_path / "ckpt")
     before = snapshot(tmp_path)
-    refused(capsys, [*good_args(tiny, tmp_path / "out"), "--resume", str(tmp_path / "ckpt")], "--resume", named)
+    refused(capsys, [*good_args(tiny_dirs, tmp_path / "out"), "--resume", str(tmp_path / "ckpt")], "--resume", named)
     assert snapshot(tmp_path) == before
 
 
-def test_resume_from_another_setup(tmp_path, capsys, tiny, run1):
+def test_resume_from_another_setup(tmp_path, capsys, tiny_dirs, run1):
     """A full fine-tune's checkpoint resumed as LoRA: found while loading, the new run folder is removed again."""
     before = snapshot(tmp_path)
-    refused(capsys, [*good_args(tiny, tmp_path / "out"), "--lora-rank", "4", "--max-steps", "2",
+    refused(capsys, [*good_args(tiny_dirs, tmp_path / "out"), "--lora-rank", "4", "--max-steps", "2",
                      "--resume", str(run1 / "checkpoint-1")], "--resume", "does not match")
     assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------- --output
-def test_output_not_made_by_train(tmp_path, capsys, tiny):
+def test_output_not_made_by_train(tmp_path, capsys, tiny_dirs):
     """A user's folder is refused (its files untouched); --overwrite writes into it, still leaving them be."""
     out = tmp_path / "mine"
     (out / "sub").mkdir(parents=True)
     (out / "notes.txt").write_text("my notes")
     (out / "sub" / "metrics.jsonl").write_text("keep me\n")
     before = snapshot(tmp_path)
-    refused(capsys, good_args(tiny, out), f"--output '{out}'", "not made by kaleido-s2v train", "--overwrite")
+    refused(capsys, good_args(tiny_dirs, out), f"--output '{out}'", "not made by kaleido-s2v train", "--overwrite")
     assert snapshot(tmp_path) == before
-    assert main(["train", *good_args(tiny, out), "--overwrite"]) == 0
+    assert main(["train", *good_args(tiny_dirs, out), "--overwrite"]) == 0
     assert (out / "notes.txt").read_bytes() == b"my notes" and (out / "sub" / "metrics.jsonl").read_bytes() == b"keep me\n"
     assert (out / "final" / "transformer").is_dir()
 
 
-def test_rerun_into_own_folder(tmp_path, tiny, run1):
+def test_rerun_into_own_folder(tmp_path, tiny_dirs, run1):
     """A folder train made (its marker) takes a resumed run, and a fresh rerun."""
     from kaleido_s2v.fileio import folder_owner
 
     assert folder_owner(run1) == "kaleido-s2v train"
     out = shutil.copytree(run1, tmp_path / "run")
-    assert main(["train", *good_args(tiny, out), "--max-steps", "2", "--resume", "latest"]) == 0
+    assert main(["train", *good_args(tiny_dirs, out), "--max-steps", "2", "--resume", "latest"]) == 0
     assert [m["step"] for m in read_metrics(out)] == [1, 2] and (out / "checkpoint-2").is_dir()
-    assert main(["train", *good_args(tiny, out)]) == 0
+    assert main(["train", *good_args(tiny_dirs, out)]) == 0
     assert [m["step"] for m in read_metrics(out)] == [1]
 
 
-def test_output_is_a_file(tmp_path, capsys, tiny):
+def test_output_is_a_file(tmp_path, capsys, tiny_dirs):
     (tmp_path / "out").write_text("a file")
     before = snapshot(tmp_path)
-    refused(capsys, good_args(tiny, tmp_path / "out"), "--output", "is a file: give a folder")
+    refused(capsys, good_args(tiny_dirs, tmp_path / "out"), "--output", "is a file: give a folder")
     assert snapshot(tmp_path) == before
 
 
-def test_output_under_a_file(tmp_path, capsys, tiny):
+def test_output_under_a_file(tmp_path, capsys, tiny_dirs):
     (tmp_path / "file").write_text("a file")
     before = snapshot(tmp_path)
-    refused(capsys, good_args(tiny, tmp_path / "file" / "runs" / "a"), "--output", "is a file, not a folder")
+    refused(capsys, good_args(tiny_dirs, tmp_path / "file" / "runs" / "a"), "--output", "is a file, not a folder")
     assert snapshot(tmp_path) == before
 
 
 # ---------------------------------------------------------------------------------------------- --build-cache
-def test_build_cache_folder(tmp_path, capsys, tiny):
+def test_build_cache_folder(tmp_path, capsys, tiny_dirs):
     """Made with its marker, rerun into it (nothing to redo); a user's folder is refused; every early error (a
     damaged model, unreadable data) leaves no cache folder."""
-    model, data = tiny
+    model, data = tiny_dirs
     base = ["--model", str(model), "--data", str(data), *SIZES, "--quiet", "--build-cache"]
     cache = tmp_path / "cache"
     assert main(["train", *base, "--cache-dir", str(cache)]) == 0
@@ -297,12 +291,12 @@ def test_build_cache_folder(tmp_path, capsys, tiny):
 
 
 # ---------------------------------------------------------------------------------------------- defaults, quiet
-def test_short_run_with_the_default_warmup(tmp_path, caplog, tiny):
+def test_short_run_with_the_default_warmup(tmp_path, caplog, tiny_dirs):
     """--max-steps 2 with the default 50 warmup steps: trains, warming up over the 2 steps (said once)."""
     import logging
 
     caplog.set_level(logging.INFO, logger="kaleido_s2v")
-    args = good_args(tiny, tmp_path / "out")
+    args = good_args(tiny_dirs, tmp_path / "out")
     del args[args.index("--warmup-steps"): args.index("--warmup-steps") + 2]  # the default, 50
     assert main(["train", *args, "--max-steps", "2"]) == 0
     said = [r.getMessage() for r in caplog.records if "warming up" in r.getMessage()]
@@ -310,10 +304,10 @@ def test_short_run_with_the_default_warmup(tmp_path, caplog, tiny):
     assert [m["lr"] for m in read_metrics(tmp_path / "out")] == pytest.approx([2.5e-6, 5e-6])
 
 
-def test_normal_run_prints_progress_and_result_only(tmp_path, tiny):
+def test_normal_run_prints_progress_and_result_only(tmp_path, tiny_dirs):
     """The CLI as users run it (default bf16 autocast): no Python warning, no library log line, no temporary path;
     stderr holds the progress bar and the result line."""
-    model, data = tiny
+    model, data = tiny_dirs
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "kaleido_s2v", "train", "--model", str(model), "--data", str(data), "--output",

@@ -93,12 +93,6 @@ def read_metrics(output: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    return write_tiny_pipeline(root / "model"), write_synthetic_data(root / "data")
-
-
-@pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory, tiny_dirs):
     """The synthetic data encoded once with `kaleido-s2v train --build-cache` (32x32, 5 frames)."""
     from kaleido_s2v.cli import main
