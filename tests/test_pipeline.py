@@ -88,7 +88,7 @@ def test_output_types_and_shapes(pipe, refs):
 
 
 def test_fifty_timesteps_follow_the_official_formula(pipe, refs):
-    # σ_k = 7s / (1 + 6s), s = 1 - k/50 — written out here, independent of kaleido_s2v.schedule
+    # σ_k = 7s / (1 + 6s), s = 1 - k/50 — written out here, independent of kaleido_s2v.release
     s = 1.0 - np.arange(51) / 50
     sigma = 7 * s / (1 + 6 * s)
     assert sigma[1] == pytest.approx(0.99709, abs=1e-5)

@@ -1,7 +1,7 @@
 """KaleidoPipeline: multi-subject reference-to-video generation (diffusers `DiffusionPipeline`).
 
 WanPipeline's numbered `__call__` with one step added — *encode references* — and the official sampler:
-the shift-7 sigma grid (`schedule.official_sigmas`), Euler updates, CFG whose two branches get the SAME
+the shift-7 sigma grid (`release.official_sigmas`), Euler updates, CFG whose two branches get the SAME
 reference latents (guidance is text-only), and the release's negative prompt as the default.
 """
 
@@ -25,28 +25,24 @@ from PIL import Image
 
 from .latents import denormalize_latents, encode_references
 from .references import ReferenceImage
-from .schedule import OFFICIAL_SHIFT
+from .release import (
+    GENERATION_DEFAULTS,
+    KALEIDO_NEGATIVE_PROMPT,
+    MAX_REFERENCES,
+    SHIFT,
+    TRAINED_REFERENCES,
+    WAN_NEGATIVE_PROMPT,  # noqa: F401 (importable from here, as before)
+    official_sigmas,
+)
 from .text import encode_text
 from .transformer import KaleidoTransformer3DModel  # noqa: F401 (from_pretrained finds the class once imported)
 
 logger = logging.get_logger(__name__)
 
-# Wan2.1's default negative prompt (`wan/configs/shared_config.py`, `sample_neg_prompt`).
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
-    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
-    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
-# The Kaleido release's `sample_neg_prompt`: Wan's with "画得不好的脸部，" ("poorly drawn faces,") removed.
-KALEIDO_NEGATIVE_PROMPT = WAN_NEGATIVE_PROMPT.replace("画得不好的脸部，", "")
-
-MAX_REFERENCES = 4  # default hard limit per video
-TRAINED_REFERENCES = 3  # the release was trained with at most 3; more gets a warning
-
-# Scheduler settings under which `set_timesteps(sigmas=1 - k/n)` yields exactly the official grid.
+# The scheduler settings of the official grid (a loaded config that differs is corrected).
 _OFFICIAL_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
-    shift=OFFICIAL_SHIFT,
+    shift=SHIFT,
     use_dynamic_shifting=False,
     shift_terminal=None,
     use_karras_sigmas=False,
@@ -124,7 +120,7 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         negative_prompt: str | list[str] | None = None,
         do_classifier_free_guidance: bool = True,
         num_videos_per_prompt: int = 1,
-        max_sequence_length: int = 512,
+        max_sequence_length: int = GENERATION_DEFAULTS["max_sequence_length"],
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -285,10 +281,11 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     def set_official_timesteps(self, num_inference_steps: int, device: torch.device | None = None) -> torch.Tensor:
-        """Put the scheduler on the official grid: σ_k = 7s/(1+6s), s = 1 − k/n; timesteps 1000·σ_k (k < n).
+        """Put the scheduler on the official grid `release.official_sigmas` (timesteps 1000·σ_k, k < n).
 
-        The scheduler gets the unshifted sigmas 1 − k/n and applies shift 7 itself. A loaded scheduler whose config
-        would change that (another shift, dynamic shifting, Karras sigmas, ...) is replaced by a corrected copy.
+        A loaded scheduler whose config would give another grid (another shift, dynamic shifting, Karras sigmas,
+        ...) is replaced by a corrected copy. The grid is handed over already shifted (the scheduler's own shift
+        is set to 1 for that call; its config keeps shift 7).
         """
         config = self.scheduler.config
         wrong = {k: config.get(k) for k, v in _OFFICIAL_SCHEDULER_CONFIG.items() if config.get(k, v) != v}
@@ -298,8 +295,11 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 "using FlowMatchEulerDiscreteScheduler with the official settings instead."
             )
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, **_OFFICIAL_SCHEDULER_CONFIG)
-        unshifted = 1.0 - np.arange(num_inference_steps, dtype=np.float64) / num_inference_steps
-        self.scheduler.set_timesteps(sigmas=unshifted.tolist(), device=device)
+        self.scheduler.set_shift(1.0)
+        try:
+            self.scheduler.set_timesteps(sigmas=official_sigmas(num_inference_steps)[:-1].tolist(), device=device)
+        finally:
+            self.scheduler.set_shift(SHIFT)
         return self.scheduler.timesteps
 
     # ------------------------------------------------------------------ properties (as WanPipeline)
@@ -334,11 +334,11 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         prompt: str | list[str] = None,
         reference_images: ReferenceImage | Sequence[ReferenceImage] | Sequence[Sequence[ReferenceImage]] = None,
         negative_prompt: str | list[str] | None = None,
-        height: int = 512,
-        width: int = 896,
-        num_frames: int = 81,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 6.0,
+        height: int = GENERATION_DEFAULTS["height"],
+        width: int = GENERATION_DEFAULTS["width"],
+        num_frames: int = GENERATION_DEFAULTS["num_frames"],
+        num_inference_steps: int = GENERATION_DEFAULTS["num_inference_steps"],
+        guidance_scale: float = GENERATION_DEFAULTS["guidance_scale"],
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -346,7 +346,7 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         return_dict: bool = True,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
-        max_sequence_length: int = 512,
+        max_sequence_length: int = GENERATION_DEFAULTS["max_sequence_length"],
         *,
         max_references: int = MAX_REFERENCES,
         official_prompt_with_paths: bool = False,

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn as nn
 
+from .release import REF_ROPE, REF_ROPE_OFFSET
+
 # ref_rope -> (j, N, T, O) -> (t, h0, w0). One row per DESIGN.md table row; `shift_hw` is the release.
 REF_ROPE_VARIANTS: dict[str, Callable[[int, int, int, int], tuple[int, int, int]]] = {
     "shift_hw": lambda j, n, t, o: (j, o, o),
@@ -45,8 +47,8 @@ def _grid(t0: int, h0: int, w0: int, nt: int, nh: int, nw: int, device=None) -> 
 def token_positions(
     video_grid: Sequence[int],
     ref_grids: Sequence[Sequence[int]] = (),
-    ref_rope: str = "shift_hw",
-    ref_rope_offset: int = 80,
+    ref_rope: str = REF_ROPE,
+    ref_rope_offset: int = REF_ROPE_OFFSET,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Integer (t, h, w) positions of every token, shape (L, 3), in sequence order.

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from .release import REF_ROPE, REF_ROPE_OFFSET, SHIFT
+
 TINY_TEXT_DIM = 32
 
 
@@ -29,8 +31,8 @@ def tiny_transformer_config(**overrides: Any) -> dict[str, Any]:
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
         rope_max_seq_len=32,
-        ref_rope="shift_hw",
-        ref_rope_offset=80,
+        ref_rope=REF_ROPE,
+        ref_rope_offset=REF_ROPE_OFFSET,
     )
     config.update(overrides)
     return config
@@ -80,7 +82,7 @@ def tiny_tokenizer():
 def tiny_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return FlowMatchEulerDiscreteScheduler(shift=SHIFT)
 
 
 def tiny_components(seed: int = 0, **transformer_overrides: Any) -> dict[str, Any]:

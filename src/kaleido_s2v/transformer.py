@@ -31,6 +31,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
 from diffusers.utils import apply_lora_scale
 
+from .release import REF_ROPE, REF_ROPE_OFFSET
 from .rope import KaleidoRotaryPosEmbed, check_ref_rope, token_positions
 
 ReferenceLatents = torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...] | None
@@ -116,8 +117,8 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
         added_kv_proj_dim: int | None = None,
         rope_max_seq_len: int = 1024,
         pos_embed_seq_len: int | None = None,
-        ref_rope: str = "shift_hw",
-        ref_rope_offset: int = 80,
+        ref_rope: str = REF_ROPE,
+        ref_rope_offset: int = REF_ROPE_OFFSET,
     ) -> None:
         super().__init__()
         check_ref_rope(ref_rope)

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import UserInputError
 from ..fileio import atomic_path, claim_folder
+from ..release import REF_ROPE, REF_ROPE_OFFSET, SHIFT
 from . import keymap
 from .layout import SourceLayout, detect_source
 from .shards import TORCH_DTYPES, LazyTensor, parse_size, write_shards
@@ -29,7 +30,6 @@ DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": t
 SUMMARY_FILE = "conversion_summary.json"
 PIPELINE_CLASS = "KaleidoPipeline"
 MADE_BY = "kaleido-s2v convert"
-SCHEDULER_SHIFT = 7.0  # the release samples with shift 7 (reference/kaleido-official.md §3)
 
 
 class SourceTensor:
@@ -140,8 +140,8 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], num_layers: 
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
-        ref_rope="shift_hw",  # the release's R-RoPE (reference/kaleido-official.md §1.7)
-        ref_rope_offset=80,
+        ref_rope=REF_ROPE,
+        ref_rope_offset=REF_ROPE_OFFSET,
     )
 
 
@@ -335,7 +335,7 @@ def convert(
             files = sorted(p.name for p in (tmp / "tokenizer").iterdir())
             summary["components"]["tokenizer"] = {"class": type(tokenizer).__name__, "files": files}
             index["tokenizer"] = type(tokenizer)
-        FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT).save_pretrained(tmp / "scheduler")
+        FlowMatchEulerDiscreteScheduler(shift=SHIFT).save_pretrained(tmp / "scheduler")
         index["scheduler"] = FlowMatchEulerDiscreteScheduler
         (tmp / "model_index.json").write_text(json.dumps(_model_index(index), indent=2) + "\n")
         now = time.perf_counter()

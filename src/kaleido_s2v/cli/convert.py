@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..release import SHIFT
 from .options import add_dtype, add_overwrite, add_quiet
 
 IMPORTS = ("torch", "diffusers", "transformers")
@@ -82,6 +83,6 @@ def run(args: argparse.Namespace) -> int:
         )
         for shard in comp["shards"]:
             print(f"      {shard['file']}  {shard['bytes']:>14,} B  sha256 {shard['sha256']}")
-    print("  scheduler     FlowMatchEulerDiscreteScheduler(shift=7.0)")
+    print(f"  scheduler     FlowMatchEulerDiscreteScheduler(shift={SHIFT})")
     print(f"summary: {summary['destination']}/{SUMMARY_FILE} ({summary['seconds']} s)")
     return 0

@@ -23,10 +23,6 @@ from kaleido_s2v.fileio import claim_file, file_signed_by, path_text
 
 PROG = "kaleido-s2v generate"
 MADE_BY = PROG  # the signature in every sidecar: a video whose sidecar carries it may be replaced by a rerun
-# The release's sampling settings (reference/kaleido-official.md §3).
-OFFICIAL_DEFAULTS = dict(
-    height=512, width=896, num_frames=81, num_inference_steps=50, guidance_scale=6.0, fps=16, max_sequence_length=512
-)
 DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_REFERENCE = "builtin:default-reference"
 
@@ -370,8 +366,9 @@ def run(args: argparse.Namespace) -> int:
         generation_defaults,
         size_multiple,
     )
+    from kaleido_s2v.release import GENERATION_DEFAULTS
 
-    defaults = {**OFFICIAL_DEFAULTS, **(builtin_generation_defaults() if builtin else generation_defaults(model_dir))}
+    defaults = {**GENERATION_DEFAULTS, **(builtin_generation_defaults() if builtin else generation_defaults(model_dir))}
     settings, fps = _settings(args, defaults, size_multiple(builtin_model_dir() if builtin else model_dir))
 
     # 2. Cases: every input checked and every output claimed before anything heavy happens
@@ -382,10 +379,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from kaleido_s2v.distributed import enable_context_parallel, init_distributed, shutdown_distributed
-    from kaleido_s2v.pipeline import KALEIDO_NEGATIVE_PROMPT
     from kaleido_s2v.video_io import write_video
 
-    default_negative = defaults.get("negative_prompt", KALEIDO_NEGATIVE_PROMPT)
+    default_negative = defaults["negative_prompt"]
     dist_info = init_distributed(device)
     device = dist_info.device
     split_cases = args.split_cases and args.batch is not None and dist_info.enabled

@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from kaleido_s2v.release import REF_ROPE_OFFSET
+
 # flag dest -> (config section, field)
 FLAG_FIELDS = {
     "model": ("model", "path"),
@@ -98,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-rank", type=int, help="0 = full fine-tune; >0 = LoRA on attention and FFN projections")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     g.add_argument("--ref-rope", help="train this R-RoPE variant (shift_hw, shift_h, ..., see `kaleido-s2v info`)")
-    g.add_argument("--ref-rope-offset", type=int, help="R-RoPE spatial offset (80)")
+    g.add_argument("--ref-rope-offset", type=int, help=f"R-RoPE spatial offset ({REF_ROPE_OFFSET})")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--mixed-precision", choices=["bf16", "fp32"])
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

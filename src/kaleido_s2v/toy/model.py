@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import UserInputError
 from ..fileio import atomic_path, claim_folder, folder_owner, output_folder, record_files, write_text_atomic
+from ..release import SHIFT
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def build_components(recipe: dict, seed: int | None = None) -> dict:
     except (TypeError, ValueError) as e:  # an unknown or ill-typed key of a component's section
         raise UserInputError(f"recipe: a component cannot be built from its section ({e})") from None
     return dict(tokenizer=ByT5Tokenizer(), text_encoder=text_encoder, vae=vae, transformer=transformer,
-                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
 
 
 def init_model(out, recipe: dict, seed: int | None = None, *, overwrite: bool = False) -> Path:
