@@ -16,8 +16,8 @@ from kaleido_s2v.builtin import (
     builtin_model_dir,
     default_reference_image,
     load_builtin_pipeline,
-    size_multiple,
 )
+from kaleido_s2v.model_folder import size_multiple
 from kaleido_s2v.toy.evaluator import evaluate
 from kaleido_s2v.toy.world import WorldConfig, make_eval_cases, read_scenes
 

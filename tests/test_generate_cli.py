@@ -125,7 +125,8 @@ def test_builtin_model_needs_no_flags(tmp_path, monkeypatch, capsys):
     assert read_video(tmp_path / "output.mp4").shape == (1, 32, 32, 3)
     side = json.loads((tmp_path / "output.json").read_text())
     assert side["references"] == ["builtin:default-reference"]
-    from kaleido_s2v.builtin import builtin_model_dir, size_multiple
+    from kaleido_s2v.builtin import builtin_model_dir
+    from kaleido_s2v.model_folder import size_multiple
 
     m = size_multiple(builtin_model_dir())  # 8 for the shipped stride-4 model, 16 for the random stand-in
     rc, out = _generate(tmp_path, "--prompt", "p", "--height", str(m + m // 2), "-o", "bad.mp4", capsys=capsys)

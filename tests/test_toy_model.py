@@ -46,7 +46,7 @@ def test_shipped_recipe_is_consistent():
 
 def test_init_train_vae_config_and_assemble(recipe, tmp_path):
     import kaleido_s2v.transformer  # noqa: F401  (from_pretrained resolves the class by module name)
-    from kaleido_s2v.builtin import generation_defaults
+    from kaleido_s2v.model_folder import generation_defaults
     from kaleido_s2v.pipeline import KaleidoPipeline
     from kaleido_s2v.training.config import load_config
 

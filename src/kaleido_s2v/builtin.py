@@ -7,7 +7,6 @@ tiny components of `kaleido_s2v.tiny` (random weights) and warns, so the command
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,15 +16,6 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 BUILTIN_WEIGHTS_DIR = Path(__file__).resolve().parent / "toy" / "weights"
-# Optional file in a model folder: generation defaults (height, width, num_frames, num_inference_steps,
-# guidance_scale, fps, max_sequence_length, negative_prompt) that replace the release's 512×896×81 / 50 steps /
-# Wan negative prompt for models trained otherwise (a model that only ever saw "" as its unconditional text
-# should get "" as its negative prompt: an unseen negative prompt makes CFG push off the data).
-GENERATION_DEFAULTS_FILE = "generation_defaults.json"
-GENERATION_DEFAULT_KEYS = (
-    "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "max_sequence_length",
-    "negative_prompt",
-)
 # Sizes for the random-weight stand-in: small enough to run in seconds on a laptop CPU.
 TINY_GENERATION_DEFAULTS = dict(height=128, width=224, num_frames=17, num_inference_steps=8, guidance_scale=6.0, fps=16)
 
@@ -35,39 +25,10 @@ def builtin_model_dir() -> Path | None:
     return BUILTIN_WEIGHTS_DIR if (BUILTIN_WEIGHTS_DIR / "model_index.json").is_file() else None
 
 
-def generation_defaults(model_dir: str | Path | None) -> dict[str, Any]:
-    """Generation defaults stored beside a model (`generation_defaults.json`), {} when there are none."""
-    if model_dir is None:
-        return {}
-    path = Path(model_dir) / GENERATION_DEFAULTS_FILE
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {k: data[k] for k in GENERATION_DEFAULT_KEYS if k in data}
-
-
-def _component_config(model_dir: str | Path, component: str) -> dict:
-    path = Path(model_dir) / component / "config.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def vae_stride(model_dir: str | Path) -> int:
-    """The VAE's spatial stride: 8 for Wan2.1 and the release, 4 for the built-in model."""
-    return int(_component_config(model_dir, "vae").get("scale_factor_spatial", 8))
-
-
-def size_multiple(model_dir: str | Path | None) -> int:
-    """What video height and width must be multiples of: the VAE's spatial stride × the transformer's patch.
-
-    16 for the release (8 × 2) and the random-weight stand-in, 8 for the built-in model (stride-4 VAE).
-    """
-    if model_dir is None:
-        return 16
-    return vae_stride(model_dir) * int(_component_config(model_dir, "transformer").get("patch_size", [1, 2, 2])[1])
-
-
 def builtin_generation_defaults() -> dict[str, Any]:
     """Sizes and steps to use with the built-in model (its `generation_defaults.json` over the tiny defaults)."""
+    from .model_folder import generation_defaults
+
     return {**TINY_GENERATION_DEFAULTS, **generation_defaults(builtin_model_dir())}
 
 
@@ -86,8 +47,9 @@ def load_builtin_pipeline(dtype=None):
 
     model_dir = builtin_model_dir()
     if model_dir is not None:
-        kwargs = {} if dtype is None else {"dtype": dtype}
-        return KaleidoPipeline.from_pretrained(model_dir, **kwargs)
+        from .model_folder import load_pipeline
+
+        return load_pipeline(model_dir, "the built-in model", **({} if dtype is None else {"dtype": dtype}))
 
     from .tiny import tiny_components
 

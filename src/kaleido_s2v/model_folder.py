@@ -1,10 +1,12 @@
-"""What a model folder is: resolving the folder a user named, and checking it whole before anything loads.
+"""What a model folder is: resolving the folder a user named, checking it whole, and the facts it holds.
 
 A diffusers pipeline folder holds `model_index.json` and one subfolder per component (`PIPELINE_FILES`). Every
 config is parsed and every safetensors file's header read (a truncated, empty or corrupt file is found here, not
 as a traceback deep in a loader), and a failure is one `UserInputError` naming the file and what was expected.
 An official release folder is handed to `checkpoints.resolve_model_dir` (converted, or the `convert` command).
-Nothing here touches the network: a name that is not a local folder is refused.
+`facts` reads what the rest of the package needs to know of a folder — pipeline class, VAE strides, patch size,
+the size multiple, generation defaults — from its configs, in one place. Nothing here touches the network: a name
+that is not a local folder is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UserInputError
 
@@ -26,6 +30,30 @@ PIPELINE_FILES = {
     "scheduler": "scheduler_config.json",
 }
 EXPECTED = "model_index.json + " + ", ".join(f"{c}/" for c in PIPELINE_FILES)
+# Optional file in a model folder: generation defaults that replace the release's (`release.GENERATION_DEFAULTS`)
+# for models trained otherwise (a model that only ever saw "" as its unconditional text should get "" as its
+# negative prompt: an unseen negative prompt makes CFG push off the data).
+GENERATION_DEFAULTS_FILE = "generation_defaults.json"
+GENERATION_DEFAULT_KEYS = (
+    "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "max_sequence_length",
+    "negative_prompt",
+)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a pipeline folder's configs say (the release's values where a config is silent)."""
+
+    pipeline_class: str | None  # model_index.json's _class_name, e.g. "KaleidoPipeline"
+    vae_stride: int  # spatial: 8 for Wan2.1 and the release, 4 for the built-in model
+    vae_temporal_stride: int  # 4
+    patch_size: tuple[int, int, int]  # the transformer's (t, h, w) patch
+    generation_defaults: dict[str, Any]  # generation_defaults.json (only its known keys)
+
+    @property
+    def size_multiple(self) -> int:
+        """What video height and width must be multiples of: VAE stride x patch (16 for the release)."""
+        return self.vae_stride * self.patch_size[1]
 
 
 def _json_object(path: Path, flag: str) -> dict:
@@ -90,7 +118,8 @@ def check_component(root: Path, name: str, flag: str) -> None:
 
 def check_model_folder(path: str | os.PathLike, flag: str = "--model", *,
                        components=tuple(PIPELINE_FILES), index: bool = True) -> Path:
-    """Check a diffusers pipeline folder (the `components` it must hold; `index`: model_index.json too)."""
+    """Check a diffusers pipeline folder: the `components` it must hold (None: those model_index.json names) and,
+    with `index`, model_index.json."""
     root = Path(path).expanduser()
     if not root.exists():
         raise UserInputError(f"{flag} '{root}' does not exist: give a local diffusers-format folder ({EXPECTED})")
@@ -98,26 +127,60 @@ def check_model_folder(path: str | os.PathLike, flag: str = "--model", *,
         raise UserInputError(f"{flag} '{root}' is a file: give the folder that holds it ({EXPECTED})")
     if index:
         entries = _json_object(root / "model_index.json", flag)
+        if components is None:
+            components = [c for c, v in entries.items() if isinstance(v, list) and v and v[0] is not None
+                          and c in PIPELINE_FILES]
         missing = [c for c in components if not isinstance(entries.get(c), list) or entries[c][0] is None]
         if missing:
             raise UserInputError(f"{flag} '{root}': model_index.json has no entry for {', '.join(missing)}")
-    for name in components:
+    for name in components or ():
         check_component(root, name, flag)
-    from .builtin import GENERATION_DEFAULTS_FILE
-
     if (root / GENERATION_DEFAULTS_FILE).exists():
         _json_object(root / GENERATION_DEFAULTS_FILE, flag)
     return root
 
 
-def resolve_model_folder(path: str | os.PathLike, flag: str = "--model", *, auto_convert: bool = False) -> Path:
+def _config(path: Path) -> dict:
+    return _json_object(path, "model folder") if path.is_file() else {}
+
+
+def facts(model_dir: str | os.PathLike) -> ModelFacts:
+    """The facts of a pipeline folder (checked or not: a missing config gives the release's values)."""
+    root = Path(model_dir)
+    vae, transformer = _config(root / "vae" / "config.json"), _config(root / "transformer" / "config.json")
+    return ModelFacts(
+        pipeline_class=_config(root / "model_index.json").get("_class_name"),
+        vae_stride=int(vae.get("scale_factor_spatial", 8)),
+        vae_temporal_stride=int(vae.get("scale_factor_temporal", 4)),
+        patch_size=tuple(int(p) for p in transformer.get("patch_size", (1, 2, 2))),
+        generation_defaults={k: v for k, v in _config(root / GENERATION_DEFAULTS_FILE).items()
+                             if k in GENERATION_DEFAULT_KEYS},
+    )
+
+
+def generation_defaults(model_dir: str | os.PathLike | None) -> dict[str, Any]:
+    """A folder's generation_defaults.json (its known keys), {} for none."""
+    return {} if model_dir is None else facts(model_dir).generation_defaults
+
+
+def vae_stride(model_dir: str | os.PathLike) -> int:
+    return facts(model_dir).vae_stride
+
+
+def size_multiple(model_dir: str | os.PathLike | None) -> int:
+    """`ModelFacts.size_multiple`; None (no folder: the random-weight stand-in, or the release) gives 16."""
+    return 16 if model_dir is None else facts(model_dir).size_multiple
+
+
+def resolve_model_folder(path: str | os.PathLike, flag: str = "--model", *, auto_convert: bool = False,
+                         components=tuple(PIPELINE_FILES)) -> Path:
     """The checked diffusers pipeline folder for what the user named (an official release: see module doc)."""
     root = Path(path).expanduser()
     if root.is_dir() and not (root / "model_index.json").exists():
         from .checkpoints import resolve_model_dir
 
         root = Path(resolve_model_dir(root, auto_convert=auto_convert, label=f"{flag} "))
-    return check_model_folder(root, flag)
+    return check_model_folder(root, flag, components=components)
 
 
 @contextlib.contextmanager

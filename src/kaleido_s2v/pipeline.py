@@ -98,19 +98,19 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> KaleidoPipeline:
-        """`DiffusionPipeline.from_pretrained`; a local official-release folder is also accepted.
+        """`DiffusionPipeline.from_pretrained`; a local folder is resolved and checked first (`model_folder`).
 
-        A local folder without `model_index.json` goes through `kaleido_s2v.checkpoints.resolve_model_dir`:
-        converted into a cache folder with `auto_convert=True`, else an error gives the `kaleido-s2v convert`
-        command.
+        An official release folder (no `model_index.json`) is converted into a cache folder with
+        `auto_convert=True`, else the error gives the `kaleido-s2v convert` command; a local pipeline folder with a
+        missing, truncated or corrupt file is one `UserInputError` naming it.
         """
         auto_convert = kwargs.pop("auto_convert", False)
         path = pretrained_model_name_or_path
         if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-            if not os.path.isfile(os.path.join(path, "model_index.json")):
-                from .checkpoints import resolve_model_dir
+            from .model_folder import resolve_model_folder
 
-                path = resolve_model_dir(path, auto_convert=auto_convert)
+            path = resolve_model_folder(path, "pretrained_model_name_or_path", auto_convert=auto_convert,
+                                        components=None)
         return super().from_pretrained(path, **kwargs)
 
     # ------------------------------------------------------------------ text

@@ -204,7 +204,7 @@ def _check_case(case: Case, max_references: int, builtin: bool, where: str, ref_
 
 
 def _check_sizes(height: int, width: int, frames: int, steps: int, multiple: int = 16) -> None:
-    """`multiple`: the model's VAE stride × patch size (`builtin.size_multiple`)."""
+    """`multiple`: the model's VAE stride × patch size (`model_folder.size_multiple`)."""
     if height <= 0 or width <= 0 or height % multiple or width % multiple:
         raise UserInputError(
             f"--height {height} / --width {width}: both must be positive multiples of {multiple} for this model "
@@ -359,13 +359,8 @@ def run(args: argparse.Namespace) -> int:
     model_dir = None if builtin else resolve_model_folder(args.model, "--model", auto_convert=args.convert)
 
     # 1. Settings: flags > the model's generation_defaults.json > the release's
-    from kaleido_s2v.builtin import (
-        builtin_generation_defaults,
-        builtin_model_description,
-        builtin_model_dir,
-        generation_defaults,
-        size_multiple,
-    )
+    from kaleido_s2v.builtin import builtin_generation_defaults, builtin_model_description, builtin_model_dir
+    from kaleido_s2v.model_folder import generation_defaults, size_multiple
     from kaleido_s2v.release import GENERATION_DEFAULTS
 
     defaults = {**GENERATION_DEFAULTS, **(builtin_generation_defaults() if builtin else generation_defaults(model_dir))}

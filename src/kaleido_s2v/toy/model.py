@@ -99,7 +99,7 @@ def init_model(out, recipe: dict, seed: int | None = None, *, overwrite: bool = 
     out = Path(out)
     claim_folder(out, "--out", MADE_BY["init-model"], overwrite=overwrite, replace=True)
     components = build_components(recipe, seed)
-    from ..builtin import GENERATION_DEFAULTS_FILE
+    from ..model_folder import GENERATION_DEFAULTS_FILE
     from ..pipeline import KaleidoPipeline
 
     pipe = KaleidoPipeline(**components)
@@ -394,8 +394,7 @@ def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, g
     """
     from tqdm import tqdm
 
-    from ..builtin import generation_defaults
-    from ..model_folder import load_pipeline, resolve_model_folder
+    from ..model_folder import generation_defaults, load_pipeline, resolve_model_folder
     from .evaluator import shuffled
     from .world import read_scenes
 

@@ -48,8 +48,7 @@ FROZEN = ("vae", "text_encoder", "tokenizer")
 # ---------------------------------------------------------------------------------------------- components
 def check_model(cfg: TrainConfig, need_transformer: bool = True) -> None:
     """The --model folder whole (configs parse, weights complete) and the frame size (and CP split) it allows."""
-    from ..builtin import size_multiple, vae_stride
-    from ..model_folder import check_model_folder
+    from ..model_folder import check_model_folder, size_multiple, vae_stride
 
     components = (("transformer",) if need_transformer else ()) + FROZEN
     check_model_folder(cfg.model.path, "--model", components=components, index=False)
@@ -62,7 +61,7 @@ def check_model(cfg: TrainConfig, need_transformer: bool = True) -> None:
 
 def check_frame_size(cfg: TrainConfig) -> None:
     """Height and width must be multiples of the model's VAE stride × patch size (16 for the release)."""
-    from ..builtin import size_multiple
+    from ..model_folder import size_multiple
 
     d, multiple = cfg.data, size_multiple(cfg.model.path)
     if d.height % multiple or d.width % multiple:
@@ -534,7 +533,7 @@ def _train(cfg: TrainConfig, rt: Runtime, output: Path, dataset, resume: Path | 
         dataset, batch_sampler=sampler, collate_fn=list, num_workers=cfg.data.num_workers,
         persistent_workers=False, prefetch_factor=2 if cfg.data.num_workers else None,
     )
-    from ..builtin import vae_stride
+    from ..model_folder import vae_stride
 
     stride = vae_stride(cfg.model.path)
     lat_h, lat_w = cfg.data.height // stride, cfg.data.width // stride
