@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import torch
 
-from kaleido_s2v.distributed import DistInfo, enable_context_parallel, init_distributed, shutdown_distributed
+from kaleido_s2v.distributed import Runtime, enable_context_parallel, init_runtime, shutdown
 from kaleido_s2v.pipeline import KaleidoPipeline
 from kaleido_s2v.tiny import tiny_components
 
@@ -17,7 +17,7 @@ def reference(seed: int, h: int, w: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
 
-def generate(info: DistInfo) -> np.ndarray:
+def generate(info: Runtime) -> np.ndarray:
     pipe = KaleidoPipeline(**tiny_components(seed=0))
     pipe.set_progress_bar_config(disable=True)
     enable_context_parallel(pipe.transformer, info)  # no-op for one process
@@ -37,12 +37,12 @@ def generate(info: DistInfo) -> np.ndarray:
 
 def main(out_path: str) -> None:
     torch.set_num_threads(1)
-    info = init_distributed("cpu")
+    info = init_runtime("cpu")
     assert info.world_size > 1, "run me under torchrun"
     video = generate(info)
     if info.is_main:
         np.save(out_path, video)
-    shutdown_distributed()
+    shutdown()
 
 
 if __name__ == "__main__":

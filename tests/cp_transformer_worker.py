@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig
 
-from kaleido_s2v.distributed import shutdown_distributed
+from kaleido_s2v.distributed import shutdown
 from kaleido_s2v.tiny import tiny_transformer
 
 
@@ -55,7 +55,7 @@ def main(out_dir: str) -> None:
         results[f"train_{name}"], results[f"grad_{name}"] = out.detach(), grad
 
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    shutdown_distributed()  # barrier first: a rank tearing gloo down while the other still talks aborts it
+    shutdown()  # barrier first: a rank tearing gloo down while the other still talks aborts it
 
 
 if __name__ == "__main__":

@@ -24,14 +24,14 @@ def _torchrun(args, timeout=300):
 def test_two_process_context_parallel_equals_one_process(tmp_path):
     import importlib.util
 
-    from kaleido_s2v.distributed import DistInfo
+    from kaleido_s2v.distributed import Runtime
 
     spec = importlib.util.spec_from_file_location("cp_generate_worker", HERE / "cp_generate_worker.py")
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
 
     _torchrun([str(HERE / "cp_generate_worker.py"), str(tmp_path / "cp2.npy")])
-    expected = worker.generate(DistInfo())
+    expected = worker.generate(Runtime())
     got = np.load(tmp_path / "cp2.npy")
     assert got.shape == expected.shape == (1, 9, 48, 80, 3)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)

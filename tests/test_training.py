@@ -354,7 +354,8 @@ class TestConfig:
             cfg.validate()
 
     def test_parallel_dims_error(self):
-        from kaleido_s2v.training.parallelize import ParallelDims, check_cp_divides
+        from kaleido_s2v.distributed import ParallelDims
+        from kaleido_s2v.training.parallelize import check_cp_divides
 
         assert ParallelDims(8, 2).dp == 4
         with pytest.raises(UserInputError, match="does not divide the 6 processes"):

@@ -42,16 +42,16 @@ class _GatherTokens(torch.autograd.Function):
 
     Shards are padded to equal length first, so it works on every backend (gloo's allgather and
     diffusers' equal-size gather need equal shapes). Backward returns this rank's slice, as diffusers'
-    `AllGatherFunction` does.
+    `AllGatherFunction` does, times `grad_scale` (see `KaleidoTransformer3DModel.cp_grad_scale`).
     """
 
     @staticmethod
-    def forward(ctx, shard: torch.Tensor, seq_len: int, group) -> torch.Tensor:
+    def forward(ctx, shard: torch.Tensor, seq_len: int, group, grad_scale: float = 1.0) -> torch.Tensor:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         sizes = [seq_len // world + (1 if r < seq_len % world else 0) for r in range(world)]
         if shard.shape[1] != sizes[rank]:
             raise RuntimeError(f"rank {rank} holds {shard.shape[1]} tokens, expected {sizes[rank]} of {seq_len}")
-        ctx.bounds = (sum(sizes[:rank]), sizes[rank])
+        ctx.bounds, ctx.grad_scale = (sum(sizes[:rank]), sizes[rank]), grad_scale
         padded = F.pad(shard, (0, 0, 0, max(sizes) - sizes[rank])).contiguous()
         full = funcol.all_gather_tensor(padded, gather_dim=1, group=group)
         full = funcol.wait_tensor(full) if isinstance(full, funcol.AsyncCollectiveTensor) else full
@@ -61,7 +61,8 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         start, size = ctx.bounds
-        return grad[:, start : start + size], None, None
+        shard_grad = grad[:, start : start + size]
+        return shard_grad * ctx.grad_scale if ctx.grad_scale != 1.0 else shard_grad, None, None, None
 
 
 class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
@@ -84,6 +85,11 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
     _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
     _repeated_blocks = ["WanTransformerBlock"]
+    # Training under context parallelism: every CP rank computes the whole loss on the gathered sequence, so the
+    # gather's backward hands each rank only its own tokens' gradient. Blocks (before the gather) then hold
+    # per-rank partial gradients while the head (after it) holds full ones; the trainer sets this to the CP size so
+    # that FSDP's mean over all ranks is exact for both. 1 for inference.
+    cp_grad_scale: float = 1.0
     # Context parallel (Ulysses/ring): the whole sequence [references | video] is split on the token dim,
     # together with its R-RoPE cos/sin, and gathered again in `forward` *before* the reference tokens are
     # dropped (they sit at the front, i.e. on the first rank(s)). Reference token counts rarely divide the
@@ -201,7 +207,7 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
         cp_config = getattr(self._parallel_config, "context_parallel_config", None)
         if cp_config is None:
             return hidden_states
-        return _GatherTokens.apply(hidden_states, seq_len, cp_config._flattened_mesh.get_group())
+        return _GatherTokens.apply(hidden_states, seq_len, cp_config._flattened_mesh.get_group(), self.cp_grad_scale)
 
     # ------------------------------------------------------------------ forward
     @apply_lora_scale("attention_kwargs")

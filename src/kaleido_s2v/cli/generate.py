@@ -373,13 +373,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from kaleido_s2v.distributed import enable_context_parallel, init_distributed, shutdown_distributed
+    from kaleido_s2v.distributed import enable_context_parallel, init_runtime, shutdown
     from kaleido_s2v.video_io import write_video
 
     default_negative = defaults["negative_prompt"]
-    dist_info = init_distributed(device)
+    dist_info = init_runtime(device)
     device = dist_info.device
-    split_cases = args.split_cases and args.batch is not None and dist_info.enabled
+    split_cases = args.split_cases and args.batch is not None and dist_info.distributed
     if split_cases:
         cases = cases[dist_info.rank :: dist_info.world_size]
     writes = split_cases or dist_info.is_main
@@ -404,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
         model_name = path_text(model_dir.resolve())
     apply_memory_options(pipe, device, cpu_offload=args.cpu_offload, group_offload=args.group_offload,
                          vae_tiling=args.vae_tiling, layerwise_fp8=args.layerwise_fp8)
-    if dist_info.enabled and not split_cases:
+    if dist_info.distributed and not split_cases:
         enable_context_parallel(pipe.transformer, dist_info)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
 
@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for case in bar:
             seed = case.seed if case.seed is not None else random.randrange(2**31)
-            if dist_info.enabled and not split_cases:
+            if dist_info.distributed and not split_cases:
                 seed = _broadcast_seed(seed, device)
             negative = default_negative if case.negative_prompt is None else case.negative_prompt
             start = time.perf_counter()
@@ -454,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
                     "dtype": str(dtype).removeprefix("torch."),
                     "device": str(device),
                     "world_size": dist_info.world_size,
-                    "context_parallel": dist_info.enabled and not split_cases,
+                    "context_parallel": dist_info.distributed and not split_cases,
                     "max_references": args.max_references,
                     **memory,
                 },
@@ -471,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
         ok = True
     finally:
         bar.close()
-        shutdown_distributed(barrier=ok)
+        shutdown(barrier=ok)
     if args.json and writes:
         print(json.dumps({"videos": results, "skipped": skipped, "model": model_name}, indent=2))
     elif writes and (len(cases) > 1 or skipped):

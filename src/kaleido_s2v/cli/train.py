@@ -139,6 +139,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from kaleido_s2v.cli.options import package_logging
+    from kaleido_s2v.distributed import shutdown
     from kaleido_s2v.errors import UserInputError
     from kaleido_s2v.training import trainer
 
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             summary = trainer.train(cfg, progress=not args.quiet, overwrite=args.overwrite)
     finally:
-        trainer.shutdown()
+        shutdown(barrier=False)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:
             print(json.dumps(summary))

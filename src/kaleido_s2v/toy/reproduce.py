@@ -55,6 +55,7 @@ def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str],
 
 
 def _reproduce(work: Path, recipe: dict, progress: bool, log: Callable[[str], None]) -> dict:
+    from ..distributed import shutdown
     from ..training import trainer
     from .evaluator import evaluate_folder
     from .model import assemble, default_device, generate_cases, init_model, train_text, train_vae, world_config
@@ -96,14 +97,14 @@ def _reproduce(work: Path, recipe: dict, progress: bool, log: Callable[[str], No
             try:
                 trainer.build_cache(_train_cfg(recipe, work).validate(), progress=progress)
             finally:
-                trainer.shutdown()
+                shutdown(barrier=False)
         elif stage == "run":
             cfg = _train_cfg(recipe, work)
             cfg.run.resume = "latest"  # a run stopped by an earlier call continues (none yet: from step 0)
             try:
                 trainer.train(cfg, progress=progress)
             finally:
-                trainer.shutdown()
+                shutdown(barrier=False)
         elif stage == "weights":
             final = work / "run" / "final"
             source = final / "transformer_ema" if (final / "transformer_ema").is_dir() else final / "transformer"

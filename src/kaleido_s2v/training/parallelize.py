@@ -1,88 +1,15 @@
-"""Process layout and model parallelisation: activation checkpointing, FSDP2 per block then root, context parallel.
-
-One process = the plain model. Under torchrun the world is a (dp, cp) grid: FSDP2 shards parameters over
-all ranks; each cp group of consecutive ranks sees the same samples and splits their token sequence
-(diffusers Ulysses context parallel with the transformer's own `_cp_plan`).
+"""Model parallelisation for training: activation checkpointing, compiled blocks, FSDP2 per block then root,
+context parallel. The process layout (the (dp, cp) grid, meshes) is `kaleido_s2v.distributed.Runtime`: FSDP2
+shards parameters over all ranks; each CP group of consecutive ranks sees the same samples and splits their
+token sequence (diffusers Ulysses with the transformer's own `_cp_plan`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import os
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 
+from ..distributed import Runtime, enable_context_parallel
 from ..errors import UserInputError
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    world_size: int
-    cp: int = 1
-
-    def __post_init__(self):
-        if self.cp < 1 or self.world_size % self.cp:
-            raise UserInputError(
-                f"--cp-degree {self.cp} does not divide the {self.world_size} processes: the world must be "
-                f"data-parallel x context-parallel; use a cp degree that divides {self.world_size}"
-            )
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // self.cp
-
-    def dp_rank(self, rank: int) -> int:
-        return rank // self.cp  # cp groups are consecutive ranks (same node first)
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-@dataclass
-class Runtime:
-    rank: int
-    local_rank: int
-    dims: ParallelDims
-    device: torch.device
-    world_mesh: object = None  # DeviceMesh over all ranks (FSDP)
-    cp_mesh: object = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def dp_rank(self) -> int:
-        return self.dims.dp_rank(self.rank)
-
-
-def init_runtime(cp_degree: int = 1) -> Runtime:
-    """Start torch.distributed when launched by torchrun (nccl on GPUs, gloo on CPU); plain otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dims = ParallelDims(world, cp_degree)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    rt = Runtime(rank, local_rank, dims, device)
-    if dims.distributed:
-        if not dist.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-        from torch.distributed.device_mesh import init_device_mesh
-
-        rt.world_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
-        if dims.cp > 1:  # diffusers wants named "ring" and "ulysses" dims; cp groups are consecutive ranks
-            mesh = init_device_mesh(device.type, (dims.dp, 1, dims.cp), mesh_dim_names=("dp", "ring", "ulysses"))
-            rt.cp_mesh = mesh["ring", "ulysses"]
-    return rt
 
 
 def apply_activation_checkpointing(model) -> None:
@@ -128,40 +55,13 @@ def apply_fsdp(model, mesh, mixed_precision: str = "bf16") -> None:
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
-
-
-def apply_context_parallel(model, cp_mesh) -> None:
-    """Ulysses context parallel over `cp_mesh`.
-
-    diffusers' uneven-shard variant (`ulysses_anything`) has no backward, so training uses even shards: every
-    reference is fitted to the video size, so the sequence is (N + T)·h·w tokens and `check_cp_divides`
-    ensures h·w divides by the cp size.
-
-    Each cp rank computes the full loss after the gather, whose backward hands every rank only its own
-    tokens' gradient: blocks then hold per-rank partial gradients while the head holds full ones. Scaling the
-    gradient entering the gather (the last block's output) by the cp size makes FSDP's mean over all ranks
-    exact for both.
-    """
-    from diffusers import ContextParallelConfig
-
-    from ..distributed import cpu_accelerator_shim
-
-    cp = cp_mesh.size()  # ring 1 x ulysses cp
-    # diffusers divides by torch.accelerator.device_count(), which is 0 on a CPU-only host
-    shim = cpu_accelerator_shim() if torch.accelerator.device_count() == 0 else contextlib.nullcontext()
-    with shim:
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=cp, mesh=cp_mesh))
-    # the last block's output is what the transformer gathers (before dropping the reference tokens)
-    model.blocks[-1].register_forward_hook(lambda module, args, out: _ScaleGrad.apply(out, float(cp)))
+def apply_context_parallel(model, rt: Runtime) -> None:
+    """Ulysses context parallel over the rank's CP group, with even shards (diffusers' uneven variant has no
+    backward): every reference is fitted to the video size, so the sequence is (N + T)·h·w tokens and
+    `check_cp_divides` ensures h·w divides by the CP size. The gradient scaling this needs is stated where the
+    transformer gathers (`KaleidoTransformer3DModel.cp_grad_scale`)."""
+    enable_context_parallel(model, rt, mesh=rt.cp_mesh)
+    model.cp_grad_scale = float(rt.dims.cp)
 
 
 def check_cp_divides(cp: int, height: int, width: int, patch: int = 2, vae_stride: int = 8) -> None:

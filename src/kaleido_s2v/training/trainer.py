@@ -22,20 +22,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..distributed import Runtime, init_runtime
 from ..errors import UserInputError
 from .config import TrainConfig
 from .data import CachedDataset, VideoDataset, discover_samples, slot_generator
 from .ema import ParameterEMA
 from .objective import flow_matching_loss, resolution_shift, sample_noise_and_sigma
 from .parallelize import (
-    Runtime,
     apply_activation_checkpointing,
     apply_compile,
     apply_context_parallel,
     apply_fsdp,
     check_compile_toolchain,
     check_cp_divides,
-    init_runtime,
 )
 
 logger = logging.getLogger(__name__)
@@ -243,11 +242,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.lr * scale
 
 
-def _barrier(rt: Runtime) -> None:
-    if rt.dims.distributed:
-        dist.barrier()
-
-
 def find_latest_checkpoint(output: Path) -> Path | None:
     ckpts = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
@@ -294,20 +288,20 @@ def save_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, step: int, r
     tmp = path.with_name(f".{path.name}.tmp")
     if rt.is_main and tmp.exists():
         shutil.rmtree(tmp)
-    _barrier(rt)
+    rt.barrier()
     model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
     state = {"model": model_sd, "optim": optim_sd} | ({"ema": ema.state_dict()} if ema is not None else {})
     with warnings.catch_warnings():  # one process: dcp says it assumes a single process, which is right
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(tmp))
-    _barrier(rt)
+    rt.barrier()
     if rt.is_main:
         (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, world_size=rt.dims.world_size, ema=ema is not None)))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    _barrier(rt)
+    rt.barrier()
 
 
 def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, ema=None) -> int:
@@ -389,7 +383,7 @@ def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config
                 if full_ema is not None:
                     save_transformer(tmp / "transformer_ema", full_ema)
             (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    _barrier(rt)
+    rt.barrier()
     return final
 
 
@@ -473,7 +467,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -
         check_compile_toolchain()
     dataset = build_dataset(cfg)
     resume = resume_checkpoint(cfg, output)
-    rt = init_runtime(cfg.parallel.cp_degree)
+    rt = init_runtime(cp_degree=cfg.parallel.cp_degree)
     with _owned(output, MADE_BY, rt):
         return _train(cfg, rt, output, dataset, resume, progress)
 
@@ -499,7 +493,7 @@ def _train(cfg: TrainConfig, rt: Runtime, output: Path, dataset, resume: Path | 
     if cfg.parallel.gradient_checkpointing:
         apply_activation_checkpointing(model)
     if rt.cp_mesh is not None:
-        apply_context_parallel(model, rt.cp_mesh)
+        apply_context_parallel(model, rt)
     if cfg.parallel.compile:
         apply_compile(model)
     if rt.dims.distributed:
@@ -601,11 +595,6 @@ def _train(cfg: TrainConfig, rt: Runtime, output: Path, dataset, resume: Path | 
     return summary
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def build_cache(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Encode every sample once (first window, no dropout) into `data.cache_dir`; ranks split the samples.
 
@@ -621,9 +610,9 @@ def build_cache(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = Fa
     check_model(cfg, need_transformer=False)
     samples = discover_samples(cfg.data.path, cfg.data.max_references)
     VideoDataset(samples, cfg.data).check_readable(f"--data '{cfg.data.path}'")
-    rt = init_runtime(1)
+    rt = init_runtime()
     with _owned(cache, CACHE_MADE_BY, rt):
-        _barrier(rt)
+        rt.barrier()
         return _build_cache(cfg, rt, cache, samples, progress)
 
 
@@ -670,7 +659,7 @@ def _build_cache(cfg: TrainConfig, rt: Runtime, cache: Path, samples: list, prog
         with atomic_path(dst) as tmp:
             torch.save(entry, tmp)
         written += 1
-    _barrier(rt)
+    rt.barrier()
     if rt.is_main:
         (cache / "cache.json").write_text(json.dumps(cache_meta(d, cfg.model.path), indent=2))
     return dict(cache_dir=str(cache), written=written, already_cached=skipped, bad=bad, samples=len(samples))
