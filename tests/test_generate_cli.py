@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from kaleido_s2v.batch import apply_memory_options, parse_batch_file
 from kaleido_s2v.cli import main
-from kaleido_s2v.cli.generate import apply_memory_options, parse_batch_file
 from kaleido_s2v.errors import UserInputError
 from kaleido_s2v.pipeline import KALEIDO_NEGATIVE_PROMPT
 from kaleido_s2v.video_io import read_video
@@ -169,7 +169,7 @@ def test_batch_jsonl_and_keep_going(model_dir, images, tmp_path, capsys):
     assert rc == 3 and f"{batch}:2" in out.err  # 3: done, but lines were skipped
     summary = json.loads(out.out)
     assert len(summary["videos"]) == 2 and len(summary["skipped"]) == 1
-    assert _files(out_dir) == ["case0003.json", "case0003.mp4", "first.json", "first.mp4"]
+    assert _files(out_dir) == ["case0003.json", "case0003.mp4", "first.json", "first.mp4", "manifest.jsonl"]
     assert json.loads((out_dir / "first.json").read_text())["seed"] == 5
     assert json.loads((out_dir / "case0003.json").read_text())["negative_prompt"] == "blurry"
 

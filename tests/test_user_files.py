@@ -60,7 +60,7 @@ def test_batch_outputs_stay_inside_out_dir(tmp_path, monkeypatch, capsys):
     Path("cases.jsonl").write_text(json.dumps({"prompt": "a red ball", "references": ["r.png"], "output": "sub/x.mp4"})
                                    + "\n")
     assert main(["generate", "--batch", "cases.jsonl", "--out-dir", "o", *FAST]) == 0
-    assert sorted(_tree(tmp_path / "o")) == ["sub/x.json", "sub/x.mp4"]
+    assert sorted(_tree(tmp_path / "o")) == ["manifest.jsonl", "sub/x.json", "sub/x.mp4"]
 
 
 def test_names_that_are_not_utf8_give_a_video_and_a_valid_sidecar(tmp_path, monkeypatch, capsys):

@@ -23,6 +23,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
+from .errors import UserInputError
 from .latents import denormalize_latents, encode_references
 from .references import ReferenceImage
 from .release import (
@@ -51,6 +52,44 @@ _OFFICIAL_SCHEDULER_CONFIG = dict(
     invert_sigmas=False,
     stochastic_sampling=False,
 )
+
+# How the checks below name the arguments: the pipeline's own names; front ends (the CLI) pass their flags.
+ARGUMENT_NAMES = {"height": "`height`", "width": "`width`", "num_inference_steps": "`num_inference_steps`",
+                  "prompt": "`prompt`", "negative_prompt": "`negative_prompt`",
+                  "reference_images": "`reference_images`", "max_references": "`max_references`"}
+
+
+def check_sizes(height: int, width: int, num_inference_steps: int, size_multiple: int, names=None) -> None:
+    """The sampling sizes a model folder allows (`size_multiple`: its VAE stride x patch); one owner of the rule
+    for the pipeline and the batch runner, which checks before any model loads."""
+    n = {**ARGUMENT_NAMES, **(names or {})}
+    if height <= 0 or width <= 0 or height % size_multiple or width % size_multiple:
+        raise UserInputError(
+            f"{n['height']} {height} / {n['width']} {width}: both must be positive multiples of {size_multiple} for "
+            f"this model (divisible by {size_multiple} = VAE stride x patch size{'; e.g. 512x896' if size_multiple == 16 else ''})"
+        )
+    if num_inference_steps < 1:
+        raise UserInputError(f"{n['num_inference_steps']} {num_inference_steps}: must be at least 1 (the release uses 50)")
+
+
+def check_request(prompt, negative_prompt, num_references: int, max_references: int, names=None) -> None:
+    """Prompt, negative prompt and reference count of one call (or one batch case)."""
+    n = {**ARGUMENT_NAMES, **(names or {})}
+    if prompt is None or not isinstance(prompt, (str, list)):
+        raise UserInputError(f"{n['prompt']} has to be a `str` or a `list` of str but is {type(prompt).__name__}")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise UserInputError(f"{n['prompt']} is empty: describe the video to generate")
+    if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
+        raise UserInputError(
+            f"{n['negative_prompt']} has to be a `str` or a `list` of str but is {type(negative_prompt).__name__}"
+        )
+    if num_references > max_references:
+        raise UserInputError(
+            f"{n['reference_images']}: {num_references} reference images, more than the limit {max_references}: give "
+            f"fewer (the model was trained with at most {TRAINED_REFERENCES}) or raise {n['max_references']}"
+        )
+
 
 @dataclass
 class KaleidoPipelineOutput(BaseOutput):
@@ -214,30 +253,9 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         callback_on_step_end_tensor_inputs=None,
     ) -> None:
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
-        if height % multiple != 0 or width % multiple != 0:
-            raise ValueError(
-                f"`height` and `width` have to be divisible by {multiple} (VAE stride x patch size) but are {height}"
-                f" and {width}."
-            )
-        if height <= 0 or width <= 0:
-            raise ValueError(f"`height` and `width` must be positive but are {height} and {width}.")
-        if num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1 but is {num_inference_steps}.")
-        if prompt is None or not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` has to be a `str` or a `list` of str but is {type(prompt).__name__}")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise ValueError(f"`prompt` is empty ({prompt!r}): describe the video to generate")
-        if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
-            raise ValueError(
-                f"`negative_prompt` has to be a `str` or a `list` of str but is {type(negative_prompt).__name__}"
-            )
+        check_sizes(height, width, num_inference_steps, multiple)
+        check_request(prompt, negative_prompt, len(reference_lists[0]) if reference_lists else 0, max_references)
         num_refs = len(reference_lists[0]) if reference_lists else 0
-        if num_refs > max_references:
-            raise ValueError(
-                f"`reference_images` has {num_refs} images, more than `max_references`={max_references}: "
-                "give fewer references (the model was trained with at most 3)"
-            )
         if num_refs > TRAINED_REFERENCES:
             logger.warning(
                 f"{num_refs} references given; the model was trained with at most {TRAINED_REFERENCES}, so quality "

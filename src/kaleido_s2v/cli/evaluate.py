@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", required=True, type=Path,
                         help="JSONL, one case per line: id, video (relative to --videos), prompt, references "
                              "(paths relative to this file, or {path, label, kind}), optional labels")
-    parser.add_argument("--videos", required=True, type=Path, help="folder of the generated videos")
+    parser.add_argument("--videos", type=Path, default=None,
+                        help="folder of the generated videos (default: the --cases file's folder, as for the "
+                             "manifest.jsonl that `generate --batch` writes)")
     parser.add_argument("--models", type=Path, default=None,
                         help="YAML/JSON mapping model roles to local folders (see the roles below)")
     parser.add_argument("--output", "-o", required=True, type=Path, help="output folder")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--batch-size must be >= 1, got {args.batch_size}")
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     model_paths = read_models(args.models)
-    cases = read_cases(args.cases, args.videos)
+    cases = read_cases(args.cases, args.videos if args.videos is not None else args.cases.parent)
     params = _read_params(args.params)
     device = parse_device(args.device)
     scores = evaluate(cases, model_paths, args.output, metrics=metrics, device=str(device), batch_size=args.batch_size,

@@ -1,30 +1,22 @@
 """`kaleido-s2v generate`: reference images + prompt -> mp4 (+ JSON sidecar), one case or a batch file.
 
-Every input is validated before the model loads, so bad input costs nothing and leaves no file. Under
-`torchrun --nproc_per_node K -m kaleido_s2v generate ...` the transformer's sequence is sharded over the K
-ranks (context parallelism) and rank 0 writes; `--split-cases` makes the ranks share a batch instead.
+Argument parsing around `kaleido_s2v.batch`: every input is checked and every output claimed before the model
+loads. Under `torchrun --nproc_per_node K -m kaleido_s2v generate ...` each video's token sequence is sharded over
+the K ranks (context parallelism) and rank 0 writes; `--split-cases` makes the ranks share a batch instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import random
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from kaleido_s2v.cli.options import add_dtype, add_overwrite, add_quiet, check_at_least, check_seed
-from kaleido_s2v.errors import UserInputError
-from kaleido_s2v.fileio import claim_file, file_signed_by, path_text
+from kaleido_s2v.cli.options import add_dtype, add_overwrite, add_quiet
+from kaleido_s2v.errors import UserInputError, check_at_least, check_seed
 
-PROG = "kaleido-s2v generate"
-MADE_BY = PROG  # the signature in every sidecar: a video whose sidecar carries it may be replaced by a rerun
 DTYPES = ("bf16", "fp16", "fp32")
-DEFAULT_REFERENCE = "builtin:default-reference"
+MEMORY_FLAGS = ("cpu_offload", "group_offload", "vae_tiling", "layerwise_fp8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '  kaleido-s2v generate --prompt "a red ball rolls" -o demo.mp4            # built-in small model, CPU\n'
         '  kaleido-s2v generate --model Kaleido-diffusers --prompt "..." --ref a.png --ref b.png -o out.mp4\n'
         "  kaleido-s2v generate --model DIR --batch cases.txt --out-dir outs/     # lines: prompt@@img1@@img2\n"
+        "  kaleido-s2v evaluate --cases outs/manifest.jsonl --models models.yaml -o scores/   # score the batch\n"
         "  torchrun --nproc_per_node 8 -m kaleido_s2v generate --model DIR ...    # context parallel on 8 GPUs\n"
         "see docs/generate.md for memory recipes (24 GB GPUs) and multi-GPU use."
     )
@@ -46,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("-o", "--output", default="output.mp4", help="output video (.mp4); a .json sidecar goes beside")
     io.add_argument("--batch", metavar="FILE", help="one case per line: prompt@@img1@@img2 (paths relative to FILE) "
                     "or JSONL {prompt, references, seed?, output?, negative_prompt?}")
-    io.add_argument("--out-dir", metavar="DIR", help="output folder of --batch (default: <FILE stem>_videos/)")
+    io.add_argument("--out-dir", metavar="DIR", help="output folder of --batch (default: <FILE stem>_videos/), with "
+                    "manifest.jsonl for `kaleido-s2v evaluate --cases`")
     io.add_argument("--keep-going", action="store_true",
                     help="skip bad --batch lines instead of stopping (exit code 3 when any was skipped)")
     io.add_argument("--split-cases", action="store_true",
@@ -78,271 +72,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_quiet(parser)
 
 
-# ---------------------------------------------------------------------------------------------------- cases
-@dataclass
-class Case:
-    prompt: str
-    references: list = field(default_factory=list)  # paths or PIL images
-    labels: list[str] = field(default_factory=list)  # how each reference is recorded in the sidecar
-    output: Path = Path("output.mp4")
-    seed: int | None = None
-    negative_prompt: str | None = None
-    encoded_prompt: str | None = None  # set with --official-prompt-quirk
-    source: str = "--prompt"  # "FILE:LINE" for batch cases
+def _cases(args, builtin: bool, settings: dict):
+    """Every case, checked and its outputs claimed (bad batch lines skipped with --keep-going), and the manifest."""
+    from kaleido_s2v import batch
 
-
-def _where(path: Path, line_no: int) -> str:
-    return f"{path}:{line_no}"
-
-
-def parse_batch_file(path: str | os.PathLike) -> list[tuple[int, dict[str, Any] | UserInputError]]:
-    """Parse a batch file -> [(line number, case fields or the error for that line)].
-
-    Official format: `prompt@@img1@@img2` per line. JSONL: one object per line with `prompt`, `references`
-    and optional `seed`, `output`, `negative_prompt`. Relative image paths are relative to the file's folder.
-    Blank lines and lines starting with `#` are skipped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"--batch '{path}' does not exist: give a text file with one case per line")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserInputError(f"--batch '{path}' is not a readable UTF-8 text file ({e})") from e
-    base = path.resolve().parent
-    content = [(i, ln.strip()) for i, ln in enumerate(lines, 1) if ln.strip() and not ln.strip().startswith("#")]
-    if not content:
-        raise UserInputError(f"--batch '{path}' has no cases: write one `prompt@@img1@@img2` per line")
-    jsonl = path.suffix == ".jsonl" or content[0][1].startswith("{")
-    out = []
-    for i, line in content:
-        try:
-            fields = _parse_jsonl_line(line) if jsonl else _parse_official_line(line)
-            fields["references"] = [str(p if Path(p).is_absolute() else base / p) for p in fields["references"]]
-            out.append((i, fields))
-        except UserInputError as e:
-            out.append((i, UserInputError(f"{_where(path, i)}: {e}")))
-    return out
-
-
-def _parse_official_line(line: str) -> dict[str, Any]:
-    prompt, *refs = (part.strip() for part in line.split("@@"))
-    if any(not r for r in refs):
-        raise UserInputError("empty image path between '@@' separators: write prompt@@img1.png@@img2.png")
-    return {"prompt": prompt, "references": refs, "labels": refs, "raw_line": line}
-
-
-def _parse_jsonl_line(line: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise UserInputError(f"invalid JSON ({e.msg} at column {e.colno})") from e
-    if not isinstance(obj, dict):
-        raise UserInputError("a JSONL case must be an object like {\"prompt\": ..., \"references\": [...]}")
-    unknown = set(obj) - {"prompt", "references", "seed", "output", "negative_prompt"}
-    if unknown:
-        raise UserInputError(f"unknown keys {sorted(unknown)}: use prompt, references, seed, output, negative_prompt")
-    prompt, refs = obj.get("prompt"), obj.get("references", [])
-    if not isinstance(prompt, str):
-        raise UserInputError("\"prompt\" must be a string")
-    if isinstance(refs, str):
-        refs = [refs]
-    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
-        raise UserInputError("\"references\" must be a list of image paths")
-    seed = check_seed(obj.get("seed"), '"seed"')
-    output = obj.get("output")
-    if output is not None:
-        if not isinstance(output, str) or not output.endswith(".mp4"):
-            raise UserInputError(f"\"output\" must be a file name ending in .mp4, got {output!r}")
-        if Path(output).is_absolute() or ".." in Path(output).parts:
-            raise UserInputError(f"\"output\" {output!r} leaves --out-dir: give a name relative to it, without '..'")
-    negative = obj.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise UserInputError("\"negative_prompt\" must be a string")
-    return {"prompt": prompt, "references": refs, "labels": refs, "seed": seed, "output": output,
-            "negative_prompt": negative}
-
-
-def _check_text(text: str | None, what: str) -> None:
-    """Text goes into the tokenizer and the JSON sidecar: it must be valid Unicode (argv may carry raw bytes)."""
-    if text is None:
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserInputError(f"{what} is not valid UTF-8 text: write it in UTF-8") from None
-
-
-def _check_case(case: Case, max_references: int, builtin: bool, where: str, ref_flag: str) -> Case:
-    """Validate one case (prompt, reference files and count) and fill in the built-in default reference.
-
-    `where` names the case in messages ("--prompt" or "FILE:LINE"), `ref_flag` its references ("--ref" or
-    "FILE:LINE: reference").
-    """
-    from kaleido_s2v.references import load_reference
-
-    single = where == "--prompt"
-    _check_text(case.prompt, "--prompt" if single else f"{where}: the prompt")
-    _check_text(case.negative_prompt, "--negative-prompt" if single else f"{where}: the negative prompt")
-    if not case.prompt.strip():
-        raise UserInputError(f"{where}: the prompt is empty: describe the video to generate")
-    if not case.references:
-        if not builtin:
-            raise UserInputError(f"{where}: no reference image: give at least one (--ref IMAGE)")
-        from kaleido_s2v.builtin import default_reference_image
-
-        case.references, case.labels = [default_reference_image()], [DEFAULT_REFERENCE]
-    if len(case.references) > max_references:
-        raise UserInputError(
-            f"{ref_flag}: {len(case.references)} reference images, more than the limit {max_references}: give fewer "
-            "(the model was trained with at most 3) or raise --max-references"
-        )
-    for j, ref in enumerate(case.references):
-        if isinstance(ref, (str, os.PathLike)):
-            load_reference(ref, f"{ref_flag} image {j + 1}" if len(case.references) > 1 else f"{ref_flag} image")
-    return case
-
-
-def _check_sizes(height: int, width: int, frames: int, steps: int, multiple: int = 16) -> None:
-    """`multiple`: the model's VAE stride × patch size (`model_folder.size_multiple`)."""
-    if height <= 0 or width <= 0 or height % multiple or width % multiple:
-        raise UserInputError(
-            f"--height {height} / --width {width}: both must be positive multiples of {multiple} for this model "
-            f"(VAE stride x patch size{'; e.g. 512x896' if multiple == 16 else ''})"
-        )
-    if frames < 1 or (frames - 1) % 4:
-        lo = max(1, (frames - 1) // 4 * 4 + 1)
-        raise UserInputError(
-            f"--frames {frames}: must be of the form 4k+1 (e.g. {lo} or {lo + 4}; the release uses 81)"
-        )
-    check_at_least(steps, "--steps", 1, "the release uses 50")
-
-
-def claim_video(path: Path, flag: str, overwrite: bool, inputs) -> None:
-    """A video and its .json sidecar may be written: both new, a pair this command wrote, or --overwrite."""
-    sidecar = path.with_suffix(".json")
-    ours = file_signed_by(sidecar, MADE_BY)
-    claim_file(path, flag, overwrite=overwrite or ours, inputs=inputs)
-    claim_file(sidecar, f"{flag} sidecar", overwrite=overwrite, made_by=MADE_BY, inputs=inputs)
-
-
-# ---------------------------------------------------------------------------------------------------- model
-def apply_memory_options(pipe, device, *, cpu_offload=False, group_offload=False, vae_tiling=False,
-                         layerwise_fp8=False) -> None:
-    """diffusers' memory recipes, then placement on `device` (see docs/generate.md)."""
-    import torch
-
-    if layerwise_fp8:  # before offloading, as diffusers recommends
-        pipe.transformer.enable_layerwise_casting(
-            storage_dtype=torch.float8_e4m3fn, compute_dtype=pipe.transformer.dtype
-        )
-    if vae_tiling:
-        pipe.vae.enable_tiling()
-    if cpu_offload:
-        pipe.enable_model_cpu_offload(device=device)
-    elif group_offload:
-        pipe.enable_group_offload(
-            onload_device=device,
-            offload_device=torch.device("cpu"),
-            offload_type="block_level",
-            num_blocks_per_group=1,
-            use_stream=device.type == "cuda",
-            exclude_modules=["vae"],  # small; placed on `device`
-        )
-    else:
-        pipe.to(device)
-
-
-# ---------------------------------------------------------------------------------------------------- run
-def _build_cases(args, builtin: bool) -> tuple[list[Case], list[str]]:
-    """All cases, validated, their outputs claimed; bad batch lines raise (or, with --keep-going, are skipped and
-    returned as messages)."""
+    check = dict(max_references=args.max_references, builtin=builtin, overwrite=args.overwrite)
     if args.batch is None:
         if args.prompt is None:
             raise UserInputError("give --prompt TEXT (and --ref IMAGE ...), or --batch FILE")
         if args.out_dir is not None:
             raise UserInputError("--out-dir applies to --batch; for one video give -o/--output FILE.mp4")
-        if not str(args.output).endswith(".mp4"):
-            raise UserInputError(f"--output '{path_text(args.output)}' must end in .mp4")
-        refs = list(args.ref)
-        case = Case(prompt=args.prompt, references=refs, labels=[path_text(Path(r).resolve()) for r in refs],
-                    output=Path(args.output), seed=args.seed, negative_prompt=args.negative_prompt)
-        if args.official_prompt_quirk:
-            from kaleido_s2v.pipeline import official_prompt
-
-            case.encoded_prompt = official_prompt(args.prompt, refs)
-        _check_case(case, args.max_references, builtin, "--prompt", "--ref")
-        claim_video(case.output, "--output", args.overwrite, inputs=refs)
-        return [case], []
-
+        case = batch.single_case(args.prompt, args.ref, args.output, seed=args.seed,
+                                 negative_prompt=args.negative_prompt, official_prompt_quirk=args.official_prompt_quirk)
+        return [batch.prepare_case(case, settings, **check)], [], None
     if args.prompt is not None or args.ref:
         raise UserInputError("--batch FILE replaces --prompt/--ref: give one or the other")
-    batch = Path(args.batch)
-    out_dir = Path(args.out_dir) if args.out_dir else batch.with_name(f"{batch.stem}_videos")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserInputError(f"--out-dir '{path_text(out_dir)}' is a file: give a folder")
-    cases, skipped, outputs = [], [], {}
-    for line_no, fields in parse_batch_file(batch):
+    cases, skipped, decoded = [], [], {}
+    out_dir = Path(args.out_dir) if args.out_dir else batch.default_out_dir(args.batch)
+    entries = batch.batch_cases(args.batch, out_dir, seed=args.seed, negative_prompt=args.negative_prompt,
+                                official_prompt_quirk=args.official_prompt_quirk)
+    for entry in entries:
         try:
-            if isinstance(fields, UserInputError):
-                raise fields
-            where = _where(batch, line_no)
-            output = out_dir / (fields.get("output") or f"case{line_no:04d}.mp4")
-            if output in outputs:
-                raise UserInputError(f"{where}: output '{output.name}' is already used by line {outputs[output]}")
-            outputs[output] = line_no
-            case = Case(
-                prompt=fields["prompt"],
-                references=fields["references"],
-                labels=[path_text(r) for r in fields["references"]],
-                output=output,
-                seed=fields.get("seed") if fields.get("seed") is not None else args.seed,
-                negative_prompt=fields.get("negative_prompt") or args.negative_prompt,
-                source=where,
-            )
-            if args.official_prompt_quirk:
-                from kaleido_s2v.pipeline import official_prompt
-
-                case.encoded_prompt = fields.get("raw_line") or official_prompt(case.prompt, fields["labels"])
-            _check_case(case, args.max_references, builtin, where, f"{where}: reference")
-            claim_video(output, f"{where}: output", args.overwrite, inputs=[batch, *case.references])
-            cases.append(case)
+            if isinstance(entry, UserInputError):
+                raise entry
+            cases.append(batch.prepare_case(entry, settings, inputs=[args.batch], decoded=decoded, **check))
         except UserInputError as e:
             if not args.keep_going:
                 raise
             skipped.append(str(e))
-            print(f"{PROG}: warning: {e} (skipped)", file=sys.stderr)
+            print(f"kaleido-s2v generate: warning: {e} (skipped)", file=sys.stderr)
     if not cases:
-        raise UserInputError(f"--batch '{path_text(batch)}': no valid case to generate")
-    return cases, skipped
-
-
-def _settings(args, defaults: dict, multiple: int) -> tuple[dict, int]:
-    """Sampling settings (flags over the model's defaults) and fps, every value checked; 0 is never "default"."""
-
-    def pick(flag_value, key):
-        return defaults[key] if flag_value is None else flag_value
-
-    settings = dict(
-        height=pick(args.height, "height"),
-        width=pick(args.width, "width"),
-        num_frames=pick(args.frames, "num_frames"),
-        num_inference_steps=pick(args.steps, "num_inference_steps"),
-        guidance_scale=pick(args.guidance, "guidance_scale"),
-        max_sequence_length=pick(args.max_sequence_length, "max_sequence_length"),
-    )
-    fps = pick(args.fps, "fps")
-    check_at_least(fps, "--fps", 1)
-    check_at_least(settings["max_sequence_length"], "--max-sequence-length", 1, "the release uses 512")
-    check_at_least(settings["guidance_scale"], "--guidance", 0, "1 turns guidance off; the release uses 6")
-    _check_sizes(settings["height"], settings["width"], settings["num_frames"], settings["num_inference_steps"],
-                 multiple)
-    return settings, fps
+        raise UserInputError(f"--batch '{args.batch}': no valid case to generate")
+    return cases, skipped, batch.claim_manifest(out_dir, args.overwrite)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kaleido_s2v import batch
+    from kaleido_s2v.builtin import builtin_generation_defaults, builtin_model_description, builtin_model_dir
     from kaleido_s2v.cli import EXIT_SKIPPED
     from kaleido_s2v.cli.options import parse_device
+    from kaleido_s2v.fileio import path_text
+    from kaleido_s2v.model_folder import generation_defaults, resolve_model_folder, size_multiple
+    from kaleido_s2v.release import GENERATION_DEFAULTS
 
     builtin = args.model is None
     if builtin and args.convert:
@@ -354,136 +125,59 @@ def run(args: argparse.Namespace) -> int:
     device = parse_device(args.device)
     if (args.cpu_offload or args.group_offload) and device.type == "cpu":
         raise UserInputError("--cpu-offload/--group-offload move weights to a GPU: they need a CUDA --device")
-    from kaleido_s2v.model_folder import resolve_model_folder
-
     model_dir = None if builtin else resolve_model_folder(args.model, "--model", auto_convert=args.convert)
 
-    # 1. Settings: flags > the model's generation_defaults.json > the release's
-    from kaleido_s2v.builtin import builtin_generation_defaults, builtin_model_description, builtin_model_dir
-    from kaleido_s2v.model_folder import generation_defaults, size_multiple
-    from kaleido_s2v.release import GENERATION_DEFAULTS
-
+    # 1. Settings (flags > the model's generation_defaults.json > the release's), cases, outputs: all checked
     defaults = {**GENERATION_DEFAULTS, **(builtin_generation_defaults() if builtin else generation_defaults(model_dir))}
-    settings, fps = _settings(args, defaults, size_multiple(builtin_model_dir() if builtin else model_dir))
+    flags = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+                 guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length, fps=args.fps)
+    settings, fps = batch.resolve_settings(flags, defaults, size_multiple(builtin_model_dir() if builtin else model_dir))
+    cases, skipped, manifest = _cases(args, builtin, settings)
 
-    # 2. Cases: every input checked and every output claimed before anything heavy happens
-    cases, skipped = _build_cases(args, builtin)
-
-    # 3. Processes, device, model
-    import torch
-    from tqdm.auto import tqdm
-
+    # 2. Processes, device, model
     from kaleido_s2v.distributed import enable_context_parallel, init_runtime, shutdown
-    from kaleido_s2v.video_io import write_video
+    from kaleido_s2v.vision.common import resolve_dtype
 
-    default_negative = defaults["negative_prompt"]
-    dist_info = init_runtime(device)
-    device = dist_info.device
-    split_cases = args.split_cases and args.batch is not None and dist_info.distributed
-    if split_cases:
-        cases = cases[dist_info.rank :: dist_info.world_size]
-    writes = split_cases or dist_info.is_main
-    progress = writes and not args.quiet
+    rt = init_runtime(device)
+    split = args.split_cases and args.batch is not None and rt.distributed
+    progress = (split or rt.is_main) and not args.quiet
     if not progress:
         from kaleido_s2v.cli.options import hide_library_progress
 
         hide_library_progress()
-
-    from kaleido_s2v.vision.common import resolve_dtype
-
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, rt.device)
     if builtin:
         from kaleido_s2v.builtin import load_builtin_pipeline
 
-        pipe = load_builtin_pipeline(dtype=dtype)
-        model_name = builtin_model_description()
+        pipe, model_name = load_builtin_pipeline(dtype=dtype), builtin_model_description()
     else:
         from kaleido_s2v.model_folder import load_pipeline
 
-        pipe = load_pipeline(model_dir, "--model", dtype=dtype)
-        model_name = path_text(model_dir.resolve())
-    apply_memory_options(pipe, device, cpu_offload=args.cpu_offload, group_offload=args.group_offload,
-                         vae_tiling=args.vae_tiling, layerwise_fp8=args.layerwise_fp8)
-    if dist_info.distributed and not split_cases:
-        enable_context_parallel(pipe.transformer, dist_info)
+        pipe, model_name = load_pipeline(model_dir, "--model", dtype=dtype), path_text(model_dir.resolve())
+    memory = {k: getattr(args, k) for k in MEMORY_FLAGS}
+    batch.apply_memory_options(pipe, rt.device, **memory)
+    if not split:
+        enable_context_parallel(pipe.transformer, rt)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
 
-    # 4. Generate
-    results = []
-    from kaleido_s2v import library_versions
-    from kaleido_s2v.fileio import write_text_atomic
-
-    versions = library_versions()
-    memory = {k: getattr(args, k) for k in ("cpu_offload", "group_offload", "vae_tiling", "layerwise_fp8")}
-    bar = tqdm(cases, desc="videos", unit="video", disable=not progress or len(cases) < 2)
+    # 3. Generate
+    record = {"dtype": str(dtype).removeprefix("torch."), "device": str(rt.device),
+              "max_references": args.max_references, **memory}
     ok = False
     try:
-        for case in bar:
-            seed = case.seed if case.seed is not None else random.randrange(2**31)
-            if dist_info.distributed and not split_cases:
-                seed = _broadcast_seed(seed, device)
-            negative = default_negative if case.negative_prompt is None else case.negative_prompt
-            start = time.perf_counter()
-            frames = pipe(
-                prompt=case.encoded_prompt or case.prompt,
-                reference_images=case.references,
-                negative_prompt=negative,
-                generator=torch.Generator("cpu").manual_seed(seed),
-                output_type="np",
-                max_references=args.max_references,
-                **settings,
-            ).frames[0]
-            seconds = time.perf_counter() - start
-            if not writes:
-                continue
-            video = (frames * 255.0).round().clip(0, 255).astype("uint8")
-            write_video(case.output, video, fps=fps)
-            sidecar = case.output.with_suffix(".json")
-            record = {
-                "made_by": MADE_BY,
-                "video": path_text(case.output),
-                "prompt": case.prompt,
-                "encoded_prompt": case.encoded_prompt or case.prompt,
-                "negative_prompt": negative,
-                "negative_prompt_is_default": case.negative_prompt is None,
-                "references": case.labels,
-                "seed": seed,
-                "settings": {
-                    **settings,
-                    "fps": fps,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "device": str(device),
-                    "world_size": dist_info.world_size,
-                    "context_parallel": dist_info.distributed and not split_cases,
-                    "max_references": args.max_references,
-                    **memory,
-                },
-                "model": model_name,
-                "source": path_text(case.source),
-                "versions": versions,
-                "seconds": round(seconds, 3),
-            }
-            write_text_atomic(sidecar, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-            results.append({"video": path_text(case.output), "sidecar": path_text(sidecar), "seed": seed,
-                            "seconds": round(seconds, 3), "source": path_text(case.source)})
-            if not args.json and len(cases) == 1:
-                print(f"wrote {path_text(case.output)} ({seconds:.1f} s)", file=sys.stderr)
+        results = batch.generate_cases(pipe, cases, settings, fps=fps, runtime=rt, split=split,
+                                       negative_prompt=defaults["negative_prompt"], max_references=args.max_references,
+                                       record=record, model=model_name, manifest=manifest, progress=progress,
+                                       announce=not args.json)
         ok = True
     finally:
-        bar.close()
         shutdown(barrier=ok)
-    if args.json and writes:
-        print(json.dumps({"videos": results, "skipped": skipped, "model": model_name}, indent=2))
-    elif writes and (len(cases) > 1 or skipped):
+    if not (split or rt.is_main):
+        return 0
+    if args.json:
+        print(json.dumps({"videos": results, "skipped": skipped, "model": model_name,
+                          "manifest": path_text(manifest) if manifest else None}, indent=2))
+    elif len(cases) > 1 or skipped:
         print(f"wrote {len(results)} videos to {path_text(cases[0].output.parent)}"
               + (f"; skipped {len(skipped)} bad lines (exit code {EXIT_SKIPPED})" if skipped else ""), file=sys.stderr)
     return EXIT_SKIPPED if skipped else 0
-
-
-def _broadcast_seed(seed: int, device) -> int:
-    """Rank 0's seed, so a random seed is the same on every rank of a context-parallel run (any 64-bit seed)."""
-    import torch.distributed as dist
-
-    box = [seed]
-    dist.broadcast_object_list(box, src=0, device=device)
-    return int(box[0])

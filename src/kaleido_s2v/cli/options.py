@@ -7,12 +7,10 @@ Canonical spellings: `--quiet` (hides progress bars; `--no-progress` is a hidden
 from __future__ import annotations
 
 import argparse
-import math
 
 from ..errors import UserInputError
 
 DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 
 def add_quiet(parser, help: str = "no progress bars") -> None:
@@ -47,21 +45,6 @@ def add_dtype(parser, choices: tuple[str, ...], default: str, help: str, flag: s
         return DTYPE_ALIASES.get(text, text)
 
     parser.add_argument(flag, type=dtype, choices=choices, default=default, help=help)
-
-
-def check_seed(seed, where: str = "--seed") -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
-        raise UserInputError(f"{where} {seed!r}: give an integer from 0 to 2**64 - 1")
-    return seed
-
-
-def check_at_least(value, flag: str, minimum: float = 1, hint: str = ""):
-    """`value` (None: not given) must be finite and >= minimum; 0 is refused like any other out-of-range value."""
-    if value is not None and not (math.isfinite(value) and value >= minimum):
-        raise UserInputError(f"{flag} {value}: must be at least {minimum}{f' ({hint})' if hint else ''}")
-    return value
 
 
 def parse_device(text: str | None, flag: str = "--device"):

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from ..cli.options import add_dtype, add_overwrite, check_at_least, check_seed
+from ..cli.options import add_dtype, add_overwrite
+from ..errors import check_at_least, check_seed
 
 PROG = "python -m kaleido_s2v.toy"
 
