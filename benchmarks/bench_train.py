@@ -80,8 +80,8 @@ def saved_activation_mib(cfg) -> float:
     """
     import torch
 
+    from kaleido_s2v.training.components import load_transformer
     from kaleido_s2v.training.objective import flow_matching_loss
-    from kaleido_s2v.training.trainer import load_transformer
 
     model = load_transformer(cfg.model.path).train()
     if cfg.parallel.gradient_checkpointing:
@@ -110,8 +110,8 @@ def prepare(tmp: Path, size: int, frames: int, model_kwargs: dict) -> tuple[Path
     from PIL import Image
 
     from kaleido_s2v.tiny import tiny_components
+    from kaleido_s2v.training.cache import build_cache
     from kaleido_s2v.training.config import toy_cpu
-    from kaleido_s2v.training.trainer import build_cache
     from kaleido_s2v.video_io import write_video
 
     model, data, cache = tmp / "model", tmp / "data", tmp / "cache"

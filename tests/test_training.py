@@ -290,8 +290,9 @@ class TestData:
         """3 distinct references -> 3 latent frames, each the encode of that image alone (the release fed only #1)."""
         from kaleido_s2v.latents import encode_references, encode_video, pil_to_tensor
         from kaleido_s2v.references import fit_reference
+        from kaleido_s2v.training.components import load_frozen_components
         from kaleido_s2v.training.config import TrainConfig
-        from kaleido_s2v.training.trainer import encode_batch, load_frozen_components
+        from kaleido_s2v.training.trainer import encode_batch
 
         model, _ = tiny_dirs
         frozen = load_frozen_components(model, "cpu")
@@ -379,8 +380,8 @@ def test_frame_size_follows_the_model(tmp_path, tiny_dirs):
     """Height/width must be multiples of VAE stride × patch: 16 for a stride-8 VAE, 8 for the built-in stride 4."""
     from kaleido_s2v.builtin import builtin_model_dir
     from kaleido_s2v.cli import main
+    from kaleido_s2v.training.components import check_frame_size
     from kaleido_s2v.training.config import toy_cpu
-    from kaleido_s2v.training.trainer import check_frame_size
 
     model, data = tiny_dirs
     assert main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"),
@@ -594,7 +595,8 @@ def test_lora_round_trip(tmp_path, tiny_dirs):
 
     from kaleido_s2v.pipeline import KaleidoPipeline
     from kaleido_s2v.tiny import tiny_scheduler
-    from kaleido_s2v.training.trainer import load_frozen_components, load_transformer, train
+    from kaleido_s2v.training.components import load_frozen_components, load_transformer
+    from kaleido_s2v.training.trainer import train
 
     model, data = tiny_dirs
     cfg = toy_config(model, data, tmp_path / "lora", max_steps=3, save_every=3)
@@ -669,7 +671,8 @@ def test_non_finite_step_is_skipped(tmp_path, tiny_dirs, tiny_cache):
 
 def test_loss_falls_on_real_clips(examples_dir, tmp_path, tiny_dirs):
     """The tiny model fits case1/3/7 (1, 2 and 3 references) at 64x64: the loss falls clearly within 80 steps."""
-    from kaleido_s2v.training.trainer import build_cache, train
+    from kaleido_s2v.training.cache import build_cache
+    from kaleido_s2v.training.trainer import train
 
     model, _ = tiny_dirs
     data = write_real_data(examples_dir, tmp_path / "data")

@@ -50,7 +50,8 @@ def assert_same_weights(a, b, atol=1e-5):
 def test_fsdp2_two_ranks_match_one_process(tmp_path, dirs):
     import torch.distributed.checkpoint as dcp
 
-    from kaleido_s2v.training.trainer import load_transformer, train
+    from kaleido_s2v.training.components import load_transformer
+    from kaleido_s2v.training.trainer import train
 
     model, data = dirs
     # 2 samples per rank from clips with 1, 2, 3 references; with seed 3 rank 0 draws reference counts that need

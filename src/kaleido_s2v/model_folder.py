@@ -196,11 +196,3 @@ def loading(folder: Path, flag: str = "--model") -> Iterator[None]:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise UserInputError(f"{flag}: {folder} cannot be loaded ({type(e).__name__}: "
                              f"{lines[0][:200] if lines else ''}): restore or re-save it") from None
-
-
-def load_pipeline(root: Path, flag: str = "--model", **kwargs):
-    """`KaleidoPipeline.from_pretrained` of a checked folder, loader errors as one line (`loading`)."""
-    from .pipeline import KaleidoPipeline
-
-    with loading(root, flag):
-        return KaleidoPipeline.from_pretrained(root, **kwargs)

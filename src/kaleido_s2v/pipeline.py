@@ -536,3 +536,12 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if not return_dict:
             return (video,)
         return KaleidoPipelineOutput(frames=video)
+
+
+def load_pipeline(root, flag: str = "--model", **kwargs) -> KaleidoPipeline:
+    """`KaleidoPipeline.from_pretrained` of a checked folder, a loader's error as one line naming `flag`
+    (`model_folder.loading`)."""
+    from .model_folder import loading
+
+    with loading(root, flag):
+        return KaleidoPipeline.from_pretrained(root, **kwargs)

@@ -6,7 +6,7 @@
 - `load_torch_file(path, trust_pickle=False)`: `torch.load(weights_only=True, mmap=True)` with a small allowlist.
 """
 
-from .layout import SourceLayout, default_cache_dir, detect_source, is_diffusers_pipeline, resolve_model_dir
+from .layout import SourceLayout, default_cache_dir, detect_source, is_diffusers_pipeline
 
 __all__ = [
     "SourceLayout",
@@ -20,10 +20,10 @@ __all__ = [
 
 
 def __getattr__(name):  # heavy modules (torch, diffusers) load only when used
-    if name == "convert":
-        from .converter import convert
+    if name in ("convert", "resolve_model_dir"):
+        from . import converter
 
-        return convert
+        return getattr(converter, name)
     if name == "load_torch_file":
         from .safe_load import load_torch_file
 

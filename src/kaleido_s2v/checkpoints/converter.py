@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -23,61 +25,23 @@ from ..errors import UserInputError
 from ..fileio import atomic_path, claim_folder
 from ..release import REF_ROPE, REF_ROPE_OFFSET, SHIFT
 from . import keymap
-from .layout import SourceLayout, detect_source
+from .layout import (
+    OFFICIAL_TREE,
+    WAN_TREE,
+    SourceLayout,
+    default_cache_dir,
+    detect_source,
+    guess_format,
+    is_diffusers_pipeline,
+    source_fingerprint,
+)
+from .plan import SourceTensor, check_against_model, key_names, lazy_from_mapping
 from .shards import TORCH_DTYPES, LazyTensor, parse_size, write_shards
 
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUMMARY_FILE = "conversion_summary.json"
 PIPELINE_CLASS = "KaleidoPipeline"
 MADE_BY = "kaleido-s2v convert"
-
-
-class SourceTensor:
-    """A named source tensor whose shape/dtype are known without reading its data."""
-
-    def __init__(self, shape, dtype, load):
-        self.shape, self.dtype, self.load = tuple(shape), dtype, load
-
-
-def _names(keys, limit: int = 6) -> str:
-    keys = sorted(keys)
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def lazy_from_mapping(
-    sources: Mapping[str, SourceTensor], targets: Mapping[str, tuple[str, int, int]], dtype: torch.dtype | None
-) -> list[LazyTensor]:
-    """LazyTensors for target names; `targets[name] = (source key, part, parts)` (dim-0 split of fused weights)."""
-    out = []
-    for name, (src, part, parts) in targets.items():
-        s = sources[src]
-        shape = (s.shape[0] // parts, *s.shape[1:])
-        out_dtype = dtype or s.dtype
-
-        def load(s=s, part=part, parts=parts, out_dtype=out_dtype):
-            return keymap.split_part(s.load(), part, parts).to(out_dtype)
-
-        out.append(LazyTensor(name, shape, out_dtype, load))
-    return out
-
-
-def check_against_model(
-    planned: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str, source_name=lambda k: k
-) -> None:
-    """Strict: same key set and shapes as the target model, else `UserInputError` naming the keys."""
-    missing = set(expected) - set(planned)
-    if missing:
-        raise UserInputError(f"{what}: missing keys {_names(source_name(k) for k in missing)}")
-    unexpected = set(planned) - set(expected)
-    if unexpected:
-        raise UserInputError(f"{what}: unexpected keys {_names(source_name(k) for k in unexpected)}")
-    bad = [k for k in expected if tuple(planned[k]) != tuple(expected[k])]
-    if bad:
-        raise UserInputError(
-            f"{what}: shape mismatch "
-            + "; ".join(f"{source_name(k)} is {tuple(planned[k])}, expected {tuple(expected[k])}" for k in bad[:6])
-        )
 
 
 # ------------------------------------------------------------------------------------------------- transformer
@@ -98,7 +62,7 @@ def _official_sources(layout: SourceLayout, trust_pickle: bool) -> tuple[dict[st
             raise UserInputError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
         sources[key[len(keymap.SAT_PREFIX) :]] = SourceTensor(value.shape, value.dtype, lambda v=value: v)
     if not sources:
-        top = _names(map(str, sd)) if sd else "nothing"
+        top = key_names(map(str, sd)) if sd else "nothing"
         raise UserInputError(f"{path}: no DiT keys under '{keymap.SAT_PREFIX}' (found {top})")
     return sources, skipped
 
@@ -161,9 +125,9 @@ def plan_transformer(layout: SourceLayout, dtype=None, attention_head_dim: int =
     missing = [prefix + k for k in table if k not in sources]
     unexpected = [prefix + k for k in sources if k not in table]
     if unexpected:
-        raise UserInputError(f"{where}: unexpected DiT keys {_names(unexpected)} (not part of the Kaleido/Wan2.1 DiT)")
+        raise UserInputError(f"{where}: unexpected DiT keys {key_names(unexpected)} (not part of the Kaleido/Wan2.1 DiT)")
     if missing or num_layers == 0:
-        raise UserInputError(f"{where}: missing DiT keys {_names(missing or ['blocks'])}")
+        raise UserInputError(f"{where}: missing DiT keys {key_names(missing or ['blocks'])}")
     targets = keymap.diffusers_to_source_table(fmt, num_layers)
     for src, dsts in table.items():
         if sources[src].shape[0] % len(dsts):
@@ -344,3 +308,42 @@ def convert(
         summary["write_seconds"] = round(now - planned, 3)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache_dir=None, label: str = "") -> Path:
+    """Return a diffusers pipeline folder for `path`.
+
+    - a diffusers pipeline folder (has `model_index.json`) is returned as is;
+    - an official Kaleido (or original Wan2.1) release is converted into
+      `<cache_dir>/<name>-<fingerprint>` when `auto_convert` (reused if already there; the cache root is
+      `$KALEIDO_S2V_CACHE` or `~/.cache/kaleido-s2v/converted`), else `UserInputError` gives the exact
+      `kaleido-s2v convert` command;
+    - anything else is a `UserInputError` naming what was expected (`label`: the flag that named the folder).
+    """
+    root = Path(path).expanduser()
+    if is_diffusers_pipeline(root):
+        return root
+    if not root.is_dir():
+        raise UserInputError(
+            f"{label}{root}: no such folder; expected a diffusers pipeline folder (with model_index.json) "
+            f"or an official Kaleido release ({OFFICIAL_TREE})"
+        )
+    if guess_format(root) is None:
+        raise UserInputError(
+            f"{label}{root}: not a model folder; expected a diffusers pipeline folder (with model_index.json), "
+            f"an official Kaleido release ({OFFICIAL_TREE}) or a Wan2.1 release ({WAN_TREE})"
+        )
+    layout = detect_source(root, label=label)
+    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    dst = cache_root / f"{root.resolve().name}-{source_fingerprint(layout)}"
+    if is_diffusers_pipeline(dst):
+        return dst
+    if not auto_convert:
+        raise UserInputError(
+            f"{root} is an official release, not a diffusers folder; convert it once with: "
+            f"kaleido-s2v convert --src {shlex.quote(str(root))} --dst {shlex.quote(str(dst))}"
+            " (or allow conversion on the fly: auto_convert=True, or `generate --convert`)"
+        )
+    print(f"kaleido-s2v: converting {root} into {dst} (one time; reused afterwards)", file=sys.stderr)
+    convert(layout, dst, progress=True)
+    return dst

@@ -2,16 +2,14 @@
 
 `detect_source` validates a release folder and returns a `SourceLayout` naming every file the converter will
 read; a missing or malformed folder is a `UserInputError` that says which files were expected where.
-`resolve_model_dir` is what `KaleidoPipeline.from_pretrained` / `kaleido-s2v generate --model` call to accept an
-official folder directly (convert into a cache folder, or stop with the exact `convert` command).
+(`converter.resolve_model_dir` accepts an official folder where a pipeline folder is expected: converted into a
+cache folder, or the exact `convert` command.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,44 +178,3 @@ def source_fingerprint(layout: SourceLayout) -> str:
 def default_cache_dir() -> Path:
     env = os.environ.get("KALEIDO_S2V_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kaleido-s2v" / "converted"
-
-
-def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache_dir=None, label: str = "") -> Path:
-    """Return a diffusers pipeline folder for `path`.
-
-    - a diffusers pipeline folder (has `model_index.json`) is returned as is;
-    - an official Kaleido (or original Wan2.1) release is converted into
-      `<cache_dir>/<name>-<fingerprint>` when `auto_convert` (reused if already there; the cache root is
-      `$KALEIDO_S2V_CACHE` or `~/.cache/kaleido-s2v/converted`), else `UserInputError` gives the exact
-      `kaleido-s2v convert` command;
-    - anything else is a `UserInputError` naming what was expected (`label`: the flag that named the folder).
-    """
-    root = Path(path).expanduser()
-    if is_diffusers_pipeline(root):
-        return root
-    if not root.is_dir():
-        raise UserInputError(
-            f"{label}{root}: no such folder; expected a diffusers pipeline folder (with model_index.json) "
-            f"or an official Kaleido release ({OFFICIAL_TREE})"
-        )
-    if guess_format(root) is None:
-        raise UserInputError(
-            f"{label}{root}: not a model folder; expected a diffusers pipeline folder (with model_index.json), "
-            f"an official Kaleido release ({OFFICIAL_TREE}) or a Wan2.1 release ({WAN_TREE})"
-        )
-    layout = detect_source(root, label=label)
-    cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    dst = cache_root / f"{root.resolve().name}-{source_fingerprint(layout)}"
-    if is_diffusers_pipeline(dst):
-        return dst
-    if not auto_convert:
-        raise UserInputError(
-            f"{root} is an official release, not a diffusers folder; convert it once with: "
-            f"kaleido-s2v convert --src {shlex.quote(str(root))} --dst {shlex.quote(str(dst))}"
-            " (or allow conversion on the fly: auto_convert=True, or `generate --convert`)"
-        )
-    from .converter import convert
-
-    print(f"kaleido-s2v: converting {root} into {dst} (one time; reused afterwards)", file=sys.stderr)
-    convert(layout, dst, progress=True)
-    return dst

@@ -13,6 +13,7 @@ import torch
 
 from ..errors import UserInputError
 from . import keymap
+from .plan import check_against_model
 from .shards import LazyTensor
 
 
@@ -45,7 +46,6 @@ def plan_text_encoder(
     """Returns (LazyTensors in transformers names, UMT5Config)."""
     from transformers import UMT5EncoderModel
 
-    from .converter import check_against_model
     from .safe_load import load_torch_file
 
     sd = load_torch_file(path, trust_pickle=trust_pickle)

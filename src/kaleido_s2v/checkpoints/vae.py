@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserInputError
+from .plan import check_against_model
 from .shards import LazyTensor
 
 
@@ -23,7 +24,6 @@ def plan_vae(path: Path, dtype: torch.dtype | None = None, trust_pickle: bool = 
     from diffusers import AutoencoderKLWan
     from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-    from .converter import check_against_model
     from .safe_load import load_torch_file
 
     sd = load_torch_file(path, trust_pickle=trust_pickle)

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
         pipe, model_name = load_builtin_pipeline(dtype=dtype), builtin_model_description()
     else:
-        from kaleido_s2v.model_folder import load_pipeline
+        from kaleido_s2v.pipeline import load_pipeline
 
         pipe, model_name = load_pipeline(model_dir, "--model", dtype=dtype), path_text(model_dir.resolve())
     memory = {k: getattr(args, k) for k in MEMORY_FLAGS}

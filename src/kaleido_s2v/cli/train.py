@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from kaleido_s2v.cli.options import package_logging
     from kaleido_s2v.distributed import shutdown
     from kaleido_s2v.errors import UserInputError
-    from kaleido_s2v.training import trainer
+    from kaleido_s2v.training import build_cache, train
 
     package_logging()
     cfg = config_from_args(args)
@@ -151,9 +151,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--data is required: give a data folder or a manifest.jsonl")
     try:
         if args.build_cache:
-            summary = trainer.build_cache(cfg, progress=not args.quiet, overwrite=args.overwrite)
+            summary = build_cache(cfg, progress=not args.quiet, overwrite=args.overwrite)
         else:
-            summary = trainer.train(cfg, progress=not args.quiet, overwrite=args.overwrite)
+            summary = train(cfg, progress=not args.quiet, overwrite=args.overwrite)
     finally:
         shutdown(barrier=False)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .catalogue import COLOURS, SHAPES, hue_of
-from .render import _background_pair, render
+from .render import background_pair, render
 from .scene import Background, Scene, Subject, Track
 
 COLOUR_NAMES = tuple(COLOURS)
@@ -183,7 +183,7 @@ def background_distance(frames: np.ndarray, mask: np.ndarray, image: np.ndarray,
 
 
 def _background_image(bg: Background | None, scene: Scene, height: int, width: int) -> np.ndarray:
-    _, lo = _background_pair(bg, (0.0, 0.0, width / height, 1.0), height, width, 4)
+    _, lo = background_pair(bg, (0.0, 0.0, width / height, 1.0), height, width, 4)
     return lo
 
 

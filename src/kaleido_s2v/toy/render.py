@@ -191,7 +191,7 @@ def render(
     view = view or (0.0, 0.0, scene.aspect, 1.0)
     xs, ys = _grid(view, height, width, ss)
     bg = scene.background if isinstance(background, str) else background
-    hi, lo = _background_pair(bg, tuple(float(v) for v in view), height, width, ss)
+    hi, lo = background_pair(bg, tuple(float(v) for v in view), height, width, ss)
     canvas, out = hi.copy(), lo.copy()
     alphas = np.zeros((len(scene.tracks), height, width), np.float32)
     patches = []
@@ -210,7 +210,7 @@ def render(
 
 
 @functools.lru_cache(maxsize=16)
-def _background_pair(bg, view, height, width, ss):
+def background_pair(bg, view, height, width, ss):
     """Backgrounds are static: a clip computes its (supersampled, filtered) background once."""
     hi = background_image(bg, *_grid(view, height, width, ss))
     lo = _downsample(hi, ss)

@@ -37,7 +37,7 @@ def _train_cfg(recipe: dict, work: Path):
 
 
 def _run_finished(run: Path, max_steps: int) -> bool:
-    from ..training.trainer import find_latest_checkpoint
+    from ..training.checkpointing import find_latest_checkpoint
 
     latest = find_latest_checkpoint(run) if run.is_dir() else None
     return latest is not None and int(latest.name.split("-")[-1]) >= max_steps and (run / "final").is_dir()
@@ -56,7 +56,7 @@ def reproduce(work, recipe: dict, *, progress: bool = True, log: Callable[[str],
 
 def _reproduce(work: Path, recipe: dict, progress: bool, log: Callable[[str], None]) -> dict:
     from ..distributed import shutdown
-    from ..training import trainer
+    from ..training import build_cache, train
     from .evaluator import evaluate_folder
     from .model import assemble, default_device, generate_cases, init_model, train_text, train_vae, world_config
     from .world import make_dataset, make_eval_cases, parse_mix
@@ -95,14 +95,14 @@ def _reproduce(work: Path, recipe: dict, progress: bool, log: Callable[[str], No
             partial.rename(work / "model")
         elif stage == "cache":
             try:
-                trainer.build_cache(_train_cfg(recipe, work).validate(), progress=progress)
+                build_cache(_train_cfg(recipe, work).validate(), progress=progress)
             finally:
                 shutdown(barrier=False)
         elif stage == "run":
             cfg = _train_cfg(recipe, work)
             cfg.run.resume = "latest"  # a run stopped by an earlier call continues (none yet: from step 0)
             try:
-                trainer.train(cfg, progress=progress)
+                train(cfg, progress=progress)
             finally:
                 shutdown(barrier=False)
         elif stage == "weights":

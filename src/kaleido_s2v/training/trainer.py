@@ -1,4 +1,4 @@
-"""The training loop: load the pipeline folder's components, parallelise, train, checkpoint, resume, export.
+"""The training loop: components (`components.py`), parallelise, train, checkpoint and export (`checkpointing.py`).
 
 Outputs under `run.output`:
   metrics.jsonl             one JSON object per optimizer step (step, loss, lr, grad_norm, samples_per_s, ...)
@@ -9,12 +9,8 @@ Outputs under `run.output`:
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import logging
-import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +20,15 @@ import torch.distributed as dist
 
 from ..distributed import Runtime, init_runtime
 from ..errors import UserInputError
+from .checkpointing import export_final, load_checkpoint, resume_checkpoint, save_checkpoint
+from .components import (
+    build_model,
+    check_model,
+    load_frozen_components,
+    materialize_from_rank0,
+    owned_folder,
+    rms_norm_in_fp32,
+)
 from .config import TrainConfig
 from .data import CachedDataset, VideoDataset, discover_samples, slot_generator
 from .ema import ParameterEMA
@@ -34,142 +39,14 @@ from .parallelize import (
     apply_context_parallel,
     apply_fsdp,
     check_compile_toolchain,
-    check_cp_divides,
 )
 
 logger = logging.getLogger(__name__)
 
 MADE_BY = "kaleido-s2v train"  # the marker of a run folder (--output)
-CACHE_MADE_BY = "kaleido-s2v train --build-cache"  # the marker of a latent cache (--cache-dir)
-FROZEN = ("vae", "text_encoder", "tokenizer")
 
 
-# ---------------------------------------------------------------------------------------------- components
-def check_model(cfg: TrainConfig, need_transformer: bool = True) -> None:
-    """The --model folder whole (configs parse, weights complete) and the frame size (and CP split) it allows."""
-    from ..model_folder import check_model_folder, size_multiple, vae_stride
-
-    components = (("transformer",) if need_transformer else ()) + FROZEN
-    check_model_folder(cfg.model.path, "--model", components=components, index=False)
-    check_frame_size(cfg)
-    if cfg.parallel.cp_degree > 1:
-        stride = vae_stride(cfg.model.path)
-        check_cp_divides(cfg.parallel.cp_degree, cfg.data.height, cfg.data.width,
-                         size_multiple(cfg.model.path) // stride, stride)
-
-
-def check_frame_size(cfg: TrainConfig) -> None:
-    """Height and width must be multiples of the model's VAE stride × patch size (16 for the release)."""
-    from ..model_folder import size_multiple
-
-    d, multiple = cfg.data, size_multiple(cfg.model.path)
-    if d.height % multiple or d.width % multiple:
-        raise UserInputError(
-            f"--height/--width {d.height}x{d.width} must be multiples of {multiple} for this model (VAE stride x patch)"
-        )
-
-
-def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
-    """Tokenizer, text encoder and VAE (frozen, eval). The VAE stays fp32."""
-    from diffusers import AutoencoderKLWan
-    from transformers import AutoTokenizer, UMT5EncoderModel
-    from transformers.utils import logging as hf_logging
-
-    from ..model_folder import loading
-
-    root = Path(model_dir)
-    with loading(root / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its "Loading weights" bar: a run shows the training bar only
-    try:
-        with loading(root / "text_encoder"):
-            text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype)
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    with loading(root / "vae"):
-        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32)
-    text_encoder, vae = text_encoder.to(device).eval(), vae.to(device).eval()
-    text_encoder.requires_grad_(False)
-    vae.requires_grad_(False)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
-
-
-def load_transformer(model_dir, ref_rope: str | None = None, ref_rope_offset: int | None = None):
-    """KaleidoTransformer3DModel (fp32 master weights) from `model_dir/transformer`; Wan2.1 folders load too."""
-    from ..model_folder import loading
-    from ..transformer import KaleidoTransformer3DModel
-
-    overrides = {}
-    if ref_rope is not None:
-        overrides["ref_rope"] = ref_rope
-    if ref_rope_offset is not None:
-        overrides["ref_rope_offset"] = ref_rope_offset
-    root = Path(model_dir)
-    with loading(root / "transformer"):
-        return KaleidoTransformer3DModel.from_pretrained(root, subfolder="transformer", dtype=torch.float32,
-                                                         **overrides)
-
-
-def build_model(cfg: TrainConfig, rt: Runtime):
-    """(transformer, peft LoraConfig or None, full state dict on rank 0 under torchrun else None).
-
-    One process: the loaded model. Under torchrun only rank 0 reads the weights (and initialises LoRA); every
-    rank builds the model on the meta device, and `materialize_from_rank0` fills each rank's shards after
-    `fully_shard` — so host memory holds one full copy per node's rank 0, not one per process.
-    """
-    from ..transformer import KaleidoTransformer3DModel
-    from .lora import add_lora
-
-    def with_lora(model):
-        if cfg.lora.rank > 0:
-            return add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
-        return None
-
-    if not rt.dims.distributed:
-        model = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
-        return model, with_lora(model), None
-    full_state = None
-    if rt.is_main:
-        loaded = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
-        with_lora(loaded)
-        full_state = loaded.state_dict()
-        config = dict(loaded.config)
-        del loaded
-    else:
-        config = dict(KaleidoTransformer3DModel.load_config(cfg.model.path, subfolder="transformer"))
-        if cfg.model.ref_rope is not None:
-            config["ref_rope"] = cfg.model.ref_rope
-        if cfg.model.ref_rope_offset is not None:
-            config["ref_rope_offset"] = cfg.model.ref_rope_offset
-    with torch.device("meta"):
-        model = KaleidoTransformer3DModel.from_config(config)
-    return model, with_lora(model), full_state
-
-
-def rms_norm_in_fp32(model) -> None:
-    """Run the attention's q/k `RMSNorm`s in fp32, as CUDA's autocast does (rms_norm is on its fp32 list).
-
-    CPU autocast leaves rms_norm alone: it gets bf16 activations with the fp32 weights, which torch's fused kernel
-    refuses (a UserWarning, then a composite fallback). The input is cast up and the output back to its dtype.
-    """
-    def forward(norm, x):
-        return torch.nn.functional.rms_norm(x.float(), norm.normalized_shape, norm.weight, norm.eps).to(x.dtype)
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.RMSNorm):
-            m.forward = functools.partial(forward, m)
-
-
-def materialize_from_rank0(model, full_state: dict | None, device) -> None:
-    """Allocate the (sharded, meta) parameters on `device` and broadcast rank 0's weights into them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    model.to_empty(device=device)
-    set_model_state_dict(
-        model, full_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    )
+# ---------------------------------------------------------------------------------------------- a step
 
 
 @torch.no_grad()
@@ -242,151 +119,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return o.lr * scale
 
 
-def find_latest_checkpoint(output: Path) -> Path | None:
-    ckpts = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def read_trainer_state(path: Path) -> dict:
-    """trainer_state.json of a checkpoint folder, checked: a `UserInputError` naming --resume otherwise."""
-    where = f"--resume '{path}'"
-    if path.is_dir() and not (path / "trainer_state.json").exists() and find_latest_checkpoint(path) is not None:
-        raise UserInputError(f"{where} is a run folder, not a checkpoint: give {find_latest_checkpoint(path)}, "
-                             f"or --resume latest with --output {path}")
-    if not (path / "trainer_state.json").is_file() or not (path / ".metadata").is_file():
-        raise UserInputError(f"{where} is not a checkpoint folder (trainer_state.json and .metadata): give "
-                             "OUTPUT/checkpoint-<step>, or 'latest'")
-    try:
-        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-        int(state["step"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-        raise UserInputError(f"{where}: its trainer_state.json is damaged (no step): resume from another "
-                             "checkpoint") from None
-    return state
-
-
-def resume_checkpoint(cfg: TrainConfig, output: Path) -> Path | None:
-    """The checked checkpoint folder `run.resume` names (`latest`: the newest in `output`, None if there is none)."""
-    if not cfg.run.resume:
-        return None
-    ckpt = find_latest_checkpoint(output) if cfg.run.resume == "latest" else Path(cfg.run.resume)
-    if ckpt is not None:
-        read_trainer_state(ckpt)
-    return ckpt
-
-
-def _state_dicts(model, optimizer, lora: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=lora))
-
-
-def save_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, step: int, rt: Runtime, ema=None) -> None:
-    """Sharded model + optimizer (+ EMA) state (torch.distributed.checkpoint), config and step; renamed into place."""
-    import torch.distributed.checkpoint as dcp
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    if rt.is_main and tmp.exists():
-        shutil.rmtree(tmp)
-    rt.barrier()
-    model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
-    state = {"model": model_sd, "optim": optim_sd} | ({"ema": ema.state_dict()} if ema is not None else {})
-    with warnings.catch_warnings():  # one process: dcp says it assumes a single process, which is right
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(tmp))
-    rt.barrier()
-    if rt.is_main:
-        (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, world_size=rt.dims.world_size, ema=ema is not None)))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    rt.barrier()
-
-
-def load_checkpoint(path: Path, model, optimizer, cfg: TrainConfig, ema=None) -> int:
-    """Restore model and optimizer (and the EMA: from the checkpoint when it has one, else the loaded weights)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    trainer_state = read_trainer_state(path)
-    model_sd, optim_sd = _state_dicts(model, optimizer, cfg.lora.rank > 0)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ema is not None and trainer_state.get("ema"):
-        state["ema"] = ema.state_dict()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:  # dcp wraps per-rank errors in CheckpointException (a BaseException)
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise UserInputError(
-            f"--resume '{path}' does not match this model/optimizer ({lines[-1][:200] if lines else type(e).__name__}): "
-            "resume with the settings it was saved with (its config.yaml)"
-        ) from e
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    step = int(trainer_state["step"])
-    if ema is not None:
-        if "ema" in state:
-            ema.resumed_at(step)
-        else:  # a checkpoint saved without EMA: average from its weights on
-            logger.info("%s has no EMA weights: the EMA starts from its model weights", path)
-            ema.restart_from_weights(step)
-    return step
-
-
-def _transformer_config(model) -> dict:
-    import diffusers
-
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
-    return {"_class_name": "KaleidoTransformer3DModel", "_diffusers_version": diffusers.__version__, **cfg}
-
-
-def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config=None, ema=None) -> Path:
-    """final/transformer/ (full fine-tune, diffusers format; with EMA also final/transformer_ema/) or
-    final/pytorch_lora_weights.safetensors (LoRA)."""
-    from huggingface_hub import save_torch_state_dict
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from ..fileio import atomic_path
-    from .lora import lora_state_dict, save_lora
-
-    lora = cfg.lora.rank > 0
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
-
-    def gathered() -> dict[str, torch.Tensor]:
-        """The full state dict in its own storage: FSDP gathers into padded buffers, and on one process the
-        tensors alias the parameters (which the EMA swap restores afterwards)."""
-        return {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}  # collective
-
-    full = gathered()
-    full_ema = None
-    if ema is not None:
-        with ema.swapped_in():
-            full_ema = gathered()
-    final = output / "final"
-
-    def save_transformer(folder: Path, state: dict) -> None:
-        folder.mkdir()
-        save_torch_state_dict(
-            state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors", max_shard_size="10GB"
-        )
-        (folder / "config.json").write_text(json.dumps(_transformer_config(model), indent=2))
-
-    if rt.is_main:
-        with atomic_path(final, is_dir=True) as tmp:
-            if lora:
-                save_lora(tmp, lora_state_dict(model, full), peft_config)
-            else:
-                save_transformer(tmp / "transformer", full)
-                if full_ema is not None:
-                    save_transformer(tmp / "transformer_ema", full_ema)
-            (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    rt.barrier()
-    return final
-
-
 def _step_of(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])
@@ -442,13 +174,6 @@ def build_dataset(cfg: TrainConfig):
     return dataset
 
 
-def _owned(folder: Path, made_by: str, rt: Runtime):
-    """The main process writes `folder` (see `fileio.output_folder`); the others write into it once it exists."""
-    from ..fileio import output_folder
-
-    return output_folder(folder, made_by) if rt.is_main else contextlib.nullcontext(folder)
-
-
 def train(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Run training as configured; returns a summary (steps, last loss, output paths).
 
@@ -468,7 +193,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -
     dataset = build_dataset(cfg)
     resume = resume_checkpoint(cfg, output)
     rt = init_runtime(cp_degree=cfg.parallel.cp_degree)
-    with _owned(output, MADE_BY, rt):
+    with owned_folder(output, MADE_BY, rt):
         return _train(cfg, rt, output, dataset, resume, progress)
 
 
@@ -594,73 +319,4 @@ def _train(cfg: TrainConfig, rt: Runtime, output: Path, dataset, resume: Path | 
                    world_size=rt.dims.world_size, lora=cfg.lora.rank > 0)
     return summary
 
-
-def build_cache(cfg: TrainConfig, *, progress: bool = True, overwrite: bool = False) -> dict:
-    """Encode every sample once (first window, no dropout) into `data.cache_dir`; ranks split the samples.
-
-    Checked before the cache folder is made, as `train`; `overwrite`: also write into a folder it did not make.
-    """
-    from ..fileio import claim_folder
-
-    cfg.validate()
-    if not cfg.data.cache_dir:
-        raise UserInputError("--build-cache needs --cache-dir: the folder to write the latents to")
-    cache = Path(cfg.data.cache_dir)
-    claim_folder(cache, "--cache-dir", CACHE_MADE_BY, overwrite=overwrite)
-    check_model(cfg, need_transformer=False)
-    samples = discover_samples(cfg.data.path, cfg.data.max_references)
-    VideoDataset(samples, cfg.data).check_readable(f"--data '{cfg.data.path}'")
-    rt = init_runtime()
-    with _owned(cache, CACHE_MADE_BY, rt):
-        rt.barrier()
-        return _build_cache(cfg, rt, cache, samples, progress)
-
-
-def _build_cache(cfg: TrainConfig, rt: Runtime, cache: Path, samples: list, progress: bool) -> dict:
-    from tqdm.auto import tqdm
-
-    from ..fileio import atomic_path
-    from ..latents import encode_references, encode_video
-    from ..text import encode_text
-    from .data import cache_meta
-
-    d = cfg.data
-    frozen = load_frozen_components(cfg.model.path, rt.device)
-
-    def text_states(caption: str) -> torch.Tensor:
-        states = encode_text(frozen["tokenizer"], frozen["text_encoder"], [caption],
-                             max_sequence_length=d.max_sequence_length, device="cpu", dtype=torch.float32)[0]
-        n = int((states.abs().sum(-1) > 0).nonzero().max()) + 1 if states.abs().sum() > 0 else 0
-        return states[:n].clone()  # trimmed: the rows after the prompt are zeros
-
-    if rt.is_main:
-        with atomic_path(cache / "empty_text.pt") as tmp:
-            torch.save(text_states(""), tmp)
-    written, skipped, bad = 0, 0, []
-    mine = VideoDataset(samples[rt.rank :: rt.dims.world_size], d)
-    for i, s in enumerate(tqdm(mine.samples, desc="cache", disable=not (progress and rt.is_main))):
-        dst = cache / f"{s.clip_id}.pt"
-        if dst.is_file():
-            skipped += 1
-            continue
-        try:
-            item = mine.load(i, rng=None)  # the first window, no dropout
-            entry = dict(
-                latents=encode_video(frozen["vae"], item["pixels"][None].to(rt.device))[0].cpu(),
-                text=text_states(item["caption"]),
-                ref_latents=[
-                    r[0].cpu() for r in encode_references(frozen["vae"], item["references"], d.height, d.width)
-                ],
-            )
-        except Exception as e:  # bad sample: log and go on
-            logger.warning("cache: skipping sample %s: %s", s.clip_id, e)
-            bad.append(s.clip_id)
-            continue
-        with atomic_path(dst) as tmp:
-            torch.save(entry, tmp)
-        written += 1
-    rt.barrier()
-    if rt.is_main:
-        (cache / "cache.json").write_text(json.dumps(cache_meta(d, cfg.model.path), indent=2))
-    return dict(cache_dir=str(cache), written=written, already_cached=skipped, bad=bad, samples=len(samples))
 

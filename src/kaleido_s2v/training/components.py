@@ -1,0 +1,151 @@
+"""What training runs on: the --model folder checked whole, its frozen components and the transformer loaded, the
+model built on every rank (rank 0 reads the weights under torchrun), and the run folder's ownership."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from ..distributed import Runtime
+from ..errors import UserInputError
+from .config import TrainConfig
+from .parallelize import check_cp_divides
+
+FROZEN = ("vae", "text_encoder", "tokenizer")
+
+
+def check_model(cfg: TrainConfig, need_transformer: bool = True) -> None:
+    """The --model folder whole (configs parse, weights complete) and the frame size (and CP split) it allows."""
+    from ..model_folder import check_model_folder, size_multiple, vae_stride
+
+    components = (("transformer",) if need_transformer else ()) + FROZEN
+    check_model_folder(cfg.model.path, "--model", components=components, index=False)
+    check_frame_size(cfg)
+    if cfg.parallel.cp_degree > 1:
+        stride = vae_stride(cfg.model.path)
+        check_cp_divides(cfg.parallel.cp_degree, cfg.data.height, cfg.data.width,
+                         size_multiple(cfg.model.path) // stride, stride)
+
+
+def check_frame_size(cfg: TrainConfig) -> None:
+    """Height and width must be multiples of the model's VAE stride × patch size (16 for the release)."""
+    from ..model_folder import size_multiple
+
+    d, multiple = cfg.data, size_multiple(cfg.model.path)
+    if d.height % multiple or d.width % multiple:
+        raise UserInputError(
+            f"--height/--width {d.height}x{d.width} must be multiples of {multiple} for this model (VAE stride x patch)"
+        )
+
+
+def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
+    """Tokenizer, text encoder and VAE (frozen, eval). The VAE stays fp32."""
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+    from transformers.utils import logging as hf_logging
+
+    from ..model_folder import loading
+
+    root = Path(model_dir)
+    with loading(root / "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar: a run shows the training bar only
+    try:
+        with loading(root / "text_encoder"):
+            text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    with loading(root / "vae"):
+        vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32)
+    text_encoder, vae = text_encoder.to(device).eval(), vae.to(device).eval()
+    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False)
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
+
+
+def load_transformer(model_dir, ref_rope: str | None = None, ref_rope_offset: int | None = None):
+    """KaleidoTransformer3DModel (fp32 master weights) from `model_dir/transformer`; Wan2.1 folders load too."""
+    from ..model_folder import loading
+    from ..transformer import KaleidoTransformer3DModel
+
+    overrides = {}
+    if ref_rope is not None:
+        overrides["ref_rope"] = ref_rope
+    if ref_rope_offset is not None:
+        overrides["ref_rope_offset"] = ref_rope_offset
+    root = Path(model_dir)
+    with loading(root / "transformer"):
+        return KaleidoTransformer3DModel.from_pretrained(root, subfolder="transformer", dtype=torch.float32,
+                                                         **overrides)
+
+
+def build_model(cfg: TrainConfig, rt: Runtime):
+    """(transformer, peft LoraConfig or None, full state dict on rank 0 under torchrun else None).
+
+    One process: the loaded model. Under torchrun only rank 0 reads the weights (and initialises LoRA); every
+    rank builds the model on the meta device, and `materialize_from_rank0` fills each rank's shards after
+    `fully_shard` — so host memory holds one full copy per node's rank 0, not one per process.
+    """
+    from ..transformer import KaleidoTransformer3DModel
+    from .lora import add_lora
+
+    def with_lora(model):
+        if cfg.lora.rank > 0:
+            return add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+        return None
+
+    if not rt.dims.distributed:
+        model = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
+        return model, with_lora(model), None
+    full_state = None
+    if rt.is_main:
+        loaded = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
+        with_lora(loaded)
+        full_state = loaded.state_dict()
+        config = dict(loaded.config)
+        del loaded
+    else:
+        config = dict(KaleidoTransformer3DModel.load_config(cfg.model.path, subfolder="transformer"))
+        if cfg.model.ref_rope is not None:
+            config["ref_rope"] = cfg.model.ref_rope
+        if cfg.model.ref_rope_offset is not None:
+            config["ref_rope_offset"] = cfg.model.ref_rope_offset
+    with torch.device("meta"):
+        model = KaleidoTransformer3DModel.from_config(config)
+    return model, with_lora(model), full_state
+
+
+def rms_norm_in_fp32(model) -> None:
+    """Run the attention's q/k `RMSNorm`s in fp32, as CUDA's autocast does (rms_norm is on its fp32 list).
+
+    CPU autocast leaves rms_norm alone: it gets bf16 activations with the fp32 weights, which torch's fused kernel
+    refuses (a UserWarning, then a composite fallback). The input is cast up and the output back to its dtype.
+    """
+    def forward(norm, x):
+        return torch.nn.functional.rms_norm(x.float(), norm.normalized_shape, norm.weight, norm.eps).to(x.dtype)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.RMSNorm):
+            m.forward = functools.partial(forward, m)
+
+
+def materialize_from_rank0(model, full_state: dict | None, device) -> None:
+    """Allocate the (sharded, meta) parameters on `device` and broadcast rank 0's weights into them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    model.to_empty(device=device)
+    set_model_state_dict(
+        model, full_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+
+
+def owned_folder(folder: Path, made_by: str, rt: Runtime):
+    """The main process writes `folder` (see `fileio.output_folder`); the others write into it once it exists."""
+    from ..fileio import output_folder
+
+    return output_folder(folder, made_by) if rt.is_main else contextlib.nullcontext(folder)
