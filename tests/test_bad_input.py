@@ -36,10 +36,10 @@ class Bad:
 
 
 class World:
-    """The user's folder (also the current folder), a shared tiny model folder and training data."""
+    """The user's folder (also the current folder), shared tiny Kaleido and MAGREF model folders and training data."""
 
-    def __init__(self, root: Path, model: Path, data: Path):
-        self.root, self.model, self.data = root, model, data
+    def __init__(self, root: Path, model: Path, data: Path, magref: Path):
+        self.root, self.model, self.data, self.magref = root, model, data, magref
 
     def __call__(self, *parts: str) -> str:
         return str(self.root.joinpath(*parts))
@@ -123,6 +123,10 @@ def _gen(*args) -> Callable:
 
 
 TRAIN_SIZES = ["--height", "32", "--width", "32", "--frames", "5", "--max-sequence-length", "16", "--max-steps", "1"]
+
+
+def _magref(*args) -> Callable:
+    return lambda w: ["generate", "--model", str(w.magref), *PROMPT, *args]
 
 
 def _train(*args, model: str | None = None, data: str | None = None, output: str = "run") -> Callable:
@@ -264,6 +268,23 @@ CASES: list[Bad] = [
         "--dst", f"{w.readonly}/out", "--only", "transformer"], "cannot write in"),
     Bad("c-dst-parent-file", "--dst under a file", lambda w: ["convert", "--src", _release(w), "--dst",
         "notes.txt/out", "--only", "transformer"], "is a file, not a folder"),
+    # --- generate: MAGREF (tiny model folder MAGREF)
+    Bad("g-layout-kaleido", "--layout on a Kaleido model", _gen("--layout", "grid"),
+        "--layout/--layout-seed place references on MAGREF's canvas"),
+    Bad("g-magref-layout-seed", "--layout-seed without --layout grid", _magref("--ref", "img.png", "--layout-seed", "1"),
+        "--layout-seed shuffles the grid layout"),
+    Bad("g-magref-frames", "--frames 1 for MAGREF (4 frames are dropped)", _magref("--ref", "img.png", "--frames", "1"),
+        "--frames 1: this model needs at least 5"),
+    Bad("g-magref-no-ref", "a MAGREF model without --ref", _magref(), "no reference image"),
+    Bad("g-magref-quirk", "--official-prompt-quirk for MAGREF", _magref("--ref", "img.png", "--official-prompt-quirk"),
+        "--official-prompt-quirk reproduces Kaleido's release script"),
+    Bad("g-magref-key", "a MAGREF prompt-file key that is a path", lambda w: ["generate", "--model", str(w.magref),
+        "--batch", "prompts.txt"], "prompts.txt:1: key '../x' cannot name a video file",
+        setup=_write("prompts.txt", "../x@@a prompt@@img.png\n")),
+    Bad("tr-magref-cache", "train a MAGREF model from the latent cache", lambda w: _train(
+        "--cache-dir", "cache", model=str(w.magref))(w), "--cache-dir: the latent cache holds Kaleido's"),
+    Bad("tr-magref-ref-rope", "train a MAGREF model with --ref-rope", lambda w: _train(
+        "--ref-rope", "shift_hw", model=str(w.magref))(w), "--ref-rope/--ref-rope-offset choose Kaleido's"),
     # --- train (more in tests/test_train_inputs.py)
     Bad("tr-lr", "train --lr -1", _train("--lr", "-1"), "--lr -1.0 must be a positive number"),
     Bad("tr-frames", "train --frames 8", _train("--frames", "8"), "--frames 8"),
@@ -447,6 +468,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_magref(tmp_path_factory) -> Path:
+    from kaleido_s2v import MagrefPipeline
+    from kaleido_s2v.tiny import tiny_magref_components
+
+    path = tmp_path_factory.mktemp("shared") / "tiny-magref"
+    MagrefPipeline(**tiny_magref_components(seed=0)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def train_data(tmp_path_factory) -> Path:
     from tests.test_training import write_synthetic_data
 
@@ -454,12 +485,12 @@ def train_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def world(tmp_path, tiny_model, train_data, monkeypatch) -> World:
+def world(tmp_path, tiny_model, train_data, tiny_magref, monkeypatch) -> World:
     root = tmp_path / "work"
     root.mkdir()
     user_files(root)
     monkeypatch.chdir(root)
-    return World(root, tiny_model, train_data)
+    return World(root, tiny_model, train_data, tiny_magref)
 
 
 @pytest.mark.parametrize("bad", CASES, ids=[c.id for c in CASES])
@@ -509,14 +540,17 @@ def _doc_table() -> str:
 
     import io
 
+    from kaleido_s2v import MagrefPipeline
     from kaleido_s2v.pipeline import KaleidoPipeline
-    from kaleido_s2v.tiny import tiny_components
+    from kaleido_s2v.tiny import tiny_components, tiny_magref_components
     from tests.test_training import write_synthetic_data
 
     rows = ["| case | command | bad input | message (exit code 2) |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "shared" / "tiny-kaleido"
         KaleidoPipeline(**tiny_components(seed=0)).save_pretrained(model)
+        magref = Path(tmp) / "shared" / "tiny-magref"
+        MagrefPipeline(**tiny_magref_components(seed=0)).save_pretrained(magref)
         data = write_synthetic_data(Path(tmp) / "shared" / "data")
         for k, bad in enumerate(CASES):
             root = Path(tmp) / f"w{k}" / "work"
@@ -524,7 +558,7 @@ def _doc_table() -> str:
             user_files(root)
             with pytest.MonkeyPatch.context() as mp:
                 mp.chdir(root)
-                w = World(root, model, data)
+                w = World(root, model, data, magref)
                 if bad.setup is not None:
                     bad.setup(w, mp)
                 real = sys.stdout, sys.stderr
@@ -533,7 +567,7 @@ def _doc_table() -> str:
                     rc, _, err, prog = run_entry(bad, bad.argv(w), Capture())
                 finally:
                     sys.stdout, sys.stderr = real
-            message = err.strip().removeprefix(f"{prog}: error: ").replace(str(root), "WORK").replace(str(model), "MODEL")
+            message = err.strip().removeprefix(f"{prog}: error: ").replace(str(root), "WORK").replace(str(model), "MODEL").replace(str(magref), "MAGREF")
             message = message.replace(str(data), "DATA").replace(str(Path(tmp)), "TMP").replace(str(REPO), "REPO").replace("|", "\\|")
             command = prog.replace("python -m kaleido_s2v.toy", "toy").replace("kaleido-s2v ", "")
             rows.append(f"| `{bad.id}` | {command} | {bad.what} | {message if rc == 2 else f'EXIT {rc}: {message}'} |")

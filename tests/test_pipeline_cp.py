@@ -1,4 +1,4 @@
-"""Context parallelism (Ulysses, uneven shards) with 2 CPU processes over gloo gives the 1-process video."""
+"""Context parallelism (Ulysses) with 2 CPU processes over gloo gives the 1-process video, for both families."""
 
 import json
 import os
@@ -21,7 +21,9 @@ def _torchrun(args, timeout=300):
     return res
 
 
-def test_two_process_context_parallel_equals_one_process(tmp_path):
+@pytest.mark.parametrize("family,shape", [("kaleido", (1, 9, 48, 80, 3)), ("magref", (1, 5, 64, 96, 3))])
+def test_two_process_context_parallel_equals_one_process(tmp_path, family, shape):
+    """Kaleido: its own `_cp_plan` with uneven shards; MAGREF: diffusers' `WanTransformer3DModel._cp_plan`."""
     import importlib.util
 
     from kaleido_s2v.distributed import Runtime
@@ -30,10 +32,10 @@ def test_two_process_context_parallel_equals_one_process(tmp_path):
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
 
-    _torchrun([str(HERE / "cp_generate_worker.py"), str(tmp_path / "cp2.npy")])
-    expected = worker.generate(Runtime())
+    _torchrun([str(HERE / "cp_generate_worker.py"), str(tmp_path / "cp2.npy"), family])
+    expected = worker.generate(Runtime(), family)
     got = np.load(tmp_path / "cp2.npy")
-    assert got.shape == expected.shape == (1, 9, 48, 80, 3)
+    assert got.shape == expected.shape == shape
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 

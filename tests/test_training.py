@@ -88,6 +88,17 @@ def toy_config(model: Path, data: Path, output: Path, **run):
     return cfg
 
 
+def merge_lora(model, weights: dict[str, torch.Tensor]):
+    """`model` with the exported LoRA `weights` merged by hand: W + B·A (alpha = rank: scale 1)."""
+    sd = model.state_dict()
+    for key, a in weights.items():
+        if key.endswith("lora_A.weight"):
+            name = key[len("transformer."):-len(".lora_A.weight")]
+            sd[f"{name}.weight"] += weights[key.replace("lora_A", "lora_B")] @ a
+    model.load_state_dict(sd)
+    return model
+
+
 def read_metrics(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
@@ -499,7 +510,7 @@ def test_bucket_by_references_one_forward_per_step(tmp_path, tiny_dirs, tiny_cac
 
     calls = []
     real = trainer.flow_matching_loss
-    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a, **k: calls.append(len(a[-1] or [])) or real(*a, **k))
+    monkeypatch.setattr(trainer, "flow_matching_loss", lambda *a, **k: calls.append(len(k["references"] or [])) or real(*a, **k))
     model, data = tiny_dirs
     common = ["train", "--recipe", "toy_cpu", "--model", str(model), "--data", str(data), "--height", "32",
               "--width", "32", "--batch-size", "2", "--save-every", "2", "--no-progress", "--cache-dir", str(tiny_cache)]
@@ -612,13 +623,7 @@ def test_lora_round_trip(tmp_path, tiny_dirs):
     pipe = KaleidoPipeline(**load_frozen_components(model, "cpu"), transformer=load_transformer(model),
                            scheduler=tiny_scheduler())
     pipe.load_lora_weights(final)
-    merged = load_transformer(model)
-    sd = merged.state_dict()
-    for key, a in weights.items():
-        if key.endswith("lora_A.weight"):
-            name = key[len("transformer."):-len(".lora_A.weight")]
-            sd[f"{name}.weight"] += weights[key.replace("lora_A", "lora_B")] @ a  # alpha = rank: scale 1
-    merged.load_state_dict(sd)
+    merged = merge_lora(load_transformer(model), weights)
     g = torch.Generator().manual_seed(0)
     x, ref = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 16, 1, 4, 4, generator=g)
     text = torch.randn(1, 8, 32, generator=g)

@@ -38,6 +38,8 @@ _EXPORTS = {
     "read_cases": "kaleido_s2v.evaluation",
     "read_models": "kaleido_s2v.evaluation",
     "KaleidoPipelineOutput": "kaleido_s2v.pipeline",
+    "MagrefPipeline": "kaleido_s2v.magref.pipeline",
+    "compose_references": "kaleido_s2v.magref.canvas",
     "KALEIDO_NEGATIVE_PROMPT": "kaleido_s2v.release",
     "load_builtin_pipeline": "kaleido_s2v.builtin",
     "read_video": "kaleido_s2v.video_io",

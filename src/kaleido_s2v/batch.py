@@ -50,10 +50,11 @@ class Case:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def parse_batch_file(path: str | os.PathLike) -> list[tuple[int, dict[str, Any] | UserInputError]]:
+def parse_batch_file(path: str | os.PathLike, keyed: bool = False) -> list[tuple[int, dict[str, Any] | UserInputError]]:
     """Parse a batch file -> [(line number, case fields or the error for that line)].
 
-    Official format: `prompt@@img1@@img2` per line. JSONL: one object per line with `prompt`, `references`
+    Official format: `prompt@@img1@@img2` per line (Kaleido's); `keyed`: `key@@prompt@@img1@@img2` (MAGREF's
+    prompt files), the key naming the output `<key>.mp4`. JSONL: one object per line with `prompt`, `references`
     and optional `seed`, `output`, `negative_prompt`. Relative image paths are relative to the file's folder.
     Blank lines and lines starting with `#` are skipped.
     """
@@ -67,12 +68,12 @@ def parse_batch_file(path: str | os.PathLike) -> list[tuple[int, dict[str, Any] 
     base = path.resolve().parent
     content = [(i, ln.strip()) for i, ln in enumerate(lines, 1) if ln.strip() and not ln.strip().startswith("#")]
     if not content:
-        raise UserInputError(f"--batch '{path}' has no cases: write one `prompt@@img1@@img2` per line")
+        raise UserInputError(f"--batch '{path}' has no cases: write one `{_official_form(keyed)}` per line")
     jsonl = path.suffix == ".jsonl" or content[0][1].startswith("{")
     out = []
     for i, line in content:
         try:
-            fields = _parse_jsonl_line(line) if jsonl else _parse_official_line(line)
+            fields = _parse_jsonl_line(line) if jsonl else _parse_official_line(line, keyed)
             fields["references"] = [str(p if Path(p).is_absolute() else base / p) for p in fields["references"]]
             out.append((i, fields))
         except UserInputError as e:
@@ -80,11 +81,25 @@ def parse_batch_file(path: str | os.PathLike) -> list[tuple[int, dict[str, Any] 
     return out
 
 
-def _parse_official_line(line: str) -> dict[str, Any]:
-    prompt, *refs = (part.strip() for part in line.split("@@"))
+def _official_form(keyed: bool) -> str:
+    return "key@@prompt@@img1.png@@img2.png" if keyed else "prompt@@img1.png@@img2.png"
+
+
+def _parse_official_line(line: str, keyed: bool = False) -> dict[str, Any]:
+    parts = [part.strip() for part in line.split("@@")]
+    output = None
+    if keyed:
+        if len(parts) < 2:
+            raise UserInputError(f"no '@@' after the key: write {_official_form(True)}")
+        key, parts = parts[0], parts[1:]
+        if not key or key in (".", "..") or any(c in key for c in '/\\:*?"<>|'):
+            raise UserInputError(f"key {key!r} cannot name a video file: write {_official_form(True)} with a key "
+                                 "of letters, digits, '-', '_' or '.'")
+        output = f"{key}.mp4"
+    prompt, *refs = parts
     if any(not r for r in refs):
-        raise UserInputError("empty image path between '@@' separators: write prompt@@img1.png@@img2.png")
-    return {"prompt": prompt, "references": refs, "labels": refs, "raw_line": line}
+        raise UserInputError(f"empty image path between '@@' separators: write {_official_form(keyed)}")
+    return {"prompt": prompt, "references": refs, "labels": refs, "raw_line": line, "output": output}
 
 
 def _parse_jsonl_line(line: str) -> dict[str, Any]:
@@ -138,15 +153,16 @@ def default_out_dir(batch: str | os.PathLike) -> Path:
 
 
 def batch_cases(batch: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, seed=None,
-                negative_prompt=None, official_prompt_quirk: bool = False) -> list[Case | UserInputError]:
+                negative_prompt=None, official_prompt_quirk: bool = False, keyed: bool = False
+                ) -> list[Case | UserInputError]:
     """The cases of a batch file, each with its output inside `out_dir` (default `<FILE stem>_videos/`), or the
-    error of its line (`prepare_case` checks the rest)."""
+    error of its line (`prepare_case` checks the rest). `keyed`: see `parse_batch_file`."""
     batch = Path(batch)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(batch)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"--out-dir '{path_text(out_dir)}' is a file: give a folder")
     cases, outputs = [], {}
-    for line_no, fields in parse_batch_file(batch):
+    for line_no, fields in parse_batch_file(batch, keyed):
         if isinstance(fields, UserInputError):
             cases.append(fields)
             continue
@@ -169,9 +185,10 @@ def batch_cases(batch: str | os.PathLike, out_dir: str | os.PathLike | None = No
 
 
 # ---------------------------------------------------------------------------------------------------- checking
-def resolve_settings(flags: dict[str, Any], defaults: dict[str, Any], size_multiple: int) -> tuple[dict, int]:
+def resolve_settings(flags: dict[str, Any], defaults: dict[str, Any], size_multiple: int, min_frames: int = 1
+                     ) -> tuple[dict, int]:
     """Sampling settings (flags over the model's defaults; a flag of None is not given, 0 never means "default")
-    and the fps, every value checked, named by its flag."""
+    and the fps, every value checked, named by its flag. `min_frames`: the family's (MAGREF drops 4 frames)."""
     from .pipeline import check_sizes
 
     settings = {k: defaults[k] if flags.get(k) is None else flags[k] for k in SETTING_FLAGS}
@@ -185,6 +202,9 @@ def resolve_settings(flags: dict[str, Any], defaults: dict[str, Any], size_multi
     if frames < 1 or (frames - 1) % 4:  # the pipeline rounds with a warning; a command line gives what it was told
         lo = max(1, (frames - 1) // 4 * 4 + 1)
         raise UserInputError(f"--frames {frames}: must be of the form 4k+1 (e.g. {lo} or {lo + 4}; the release uses 81)")
+    if frames < min_frames:
+        raise UserInputError(f"--frames {frames}: this model needs at least {min_frames} (its first {min_frames - 1} "
+                             "decoded frames are dropped; the release uses 81)")
     return settings, fps
 
 
@@ -207,11 +227,15 @@ def claim_video(path: Path, flag: str, overwrite: bool, inputs) -> None:
 
 
 def prepare_case(case: Case, settings: dict, *, max_references: int, builtin: bool, overwrite: bool = False,
-                 inputs=(), decoded: dict | None = None) -> Case:
-    """Check one case and claim its outputs; decode each reference once, fitted to the video size (`decoded`:
-    a cache shared by the cases of a batch, keyed by path). The built-in model gets its default reference."""
+                 inputs=(), decoded: dict | None = None, family=None) -> Case:
+    """Check one case and claim its outputs; decode each reference once, fitted to the video size when the
+    model `family` (`model_folder.Family`, default Kaleido's) wants it so (`decoded`: a cache shared by the cases
+    of a batch, keyed by path). The built-in model gets its default reference."""
+    from .model_folder import KALEIDO
     from .pipeline import check_request
     from .references import fit_reference, load_reference
+
+    family = family or KALEIDO
 
     single = case.source == "--prompt"
     ref_flag = "--ref" if single else f"{case.source}: reference"
@@ -221,7 +245,7 @@ def prepare_case(case: Case, settings: dict, *, max_references: int, builtin: bo
         raise UserInputError(f"{case.source}: no reference image: give at least one (--ref IMAGE)")
     check_request(case.prompt, case.negative_prompt, len(case.references), max_references,
                   names={"prompt": f"{case.source}: the prompt", "reference_images": ref_flag,
-                         "max_references": "--max-references"})
+                         "max_references": "--max-references"}, note=family.reference_note)
     if not case.references:
         from .builtin import default_reference_image
 
@@ -232,7 +256,9 @@ def prepare_case(case: Case, settings: dict, *, max_references: int, builtin: bo
         key = os.fspath(ref) if isinstance(ref, (str, os.PathLike)) else None
         if key is None or key not in decoded:
             name = f"{ref_flag} image {j + 1}" if len(case.references) > 1 else f"{ref_flag} image"
-            image = fit_reference(load_reference(ref, name), settings["height"], settings["width"])
+            image = load_reference(ref, name)
+            if family.fits_references:
+                image = fit_reference(image, settings["height"], settings["width"])
             if key is None:
                 case.images.append(image)
                 continue

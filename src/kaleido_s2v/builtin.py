@@ -47,7 +47,7 @@ def load_builtin_pipeline(dtype=None):
 
     model_dir = builtin_model_dir()
     if model_dir is not None:
-        from .pipeline import load_pipeline
+        from .model_folder import load_pipeline
 
         return load_pipeline(model_dir, "the built-in model", **({} if dtype is None else {"dtype": dtype}))
 

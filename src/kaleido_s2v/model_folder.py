@@ -26,10 +26,11 @@ PIPELINE_FILES = {
     "transformer": "config.json + diffusion_pytorch_model*.safetensors",
     "vae": "config.json + diffusion_pytorch_model*.safetensors",
     "text_encoder": "config.json + model*.safetensors",
+    "image_encoder": "config.json + model*.safetensors",  # MAGREF / Wan image-to-video only
     "tokenizer": "tokenizer files",
     "scheduler": "scheduler_config.json",
 }
-EXPECTED = "model_index.json + " + ", ".join(f"{c}/" for c in PIPELINE_FILES)
+EXPECTED = "model_index.json + " + ", ".join(f"{c}/" for c in PIPELINE_FILES if c != "image_encoder")
 # Optional file in a model folder: generation defaults that replace the release's (`release.GENERATION_DEFAULTS`)
 # for models trained otherwise (a model that only ever saw "" as its unconditional text should get "" as its
 # negative prompt: an unseen negative prompt makes CFG push off the data).
@@ -38,6 +39,66 @@ GENERATION_DEFAULT_KEYS = (
     "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "max_sequence_length",
     "negative_prompt",
 )
+
+
+def _load_class(spec: str):
+    import importlib
+
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: the pipeline class that runs its folders, the module holding its release's facts
+    (GENERATION_DEFAULTS, MAX_REFERENCES, MIN_FRAMES, REFERENCE_NOTE) and how the batch runner feeds it.
+    A new family is one entry here plus its pipeline and release module."""
+
+    name: str
+    pipeline: str  # "module:Class"
+    transformer: str  # "module:Class" of its transformer (what the trainer loads)
+    release: str  # module with the release's facts
+    components: tuple[str, ...]  # what its folders must hold
+    fits_references: bool = True  # the batch runner fits each reference to the video size (False: the pipeline
+    # composes them itself, as MAGREF's canvas)
+    keyed_batch: bool = False  # batch lines are `key@@prompt@@img1@@img2`, the key naming the output (MAGREF's)
+    options: tuple[str, ...] = ()  # its own pipeline arguments that `generate` passes (MAGREF: layout, layout_seed)
+
+    def pipeline_class(self):
+        return _load_class(self.pipeline)
+
+    def transformer_class(self):
+        return _load_class(self.transformer)
+
+    def _fact(self, name: str):
+        import importlib
+
+        return getattr(importlib.import_module(self.release), name)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return dict(self._fact("GENERATION_DEFAULTS"))
+
+    @property
+    def max_references(self) -> int:
+        return self._fact("MAX_REFERENCES")
+
+    @property
+    def min_frames(self) -> int:
+        return self._fact("MIN_FRAMES")
+
+    @property
+    def reference_note(self) -> str:
+        return self._fact("REFERENCE_NOTE")
+
+
+_BASE = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+KALEIDO = Family("kaleido", "kaleido_s2v.pipeline:KaleidoPipeline", "kaleido_s2v.transformer:KaleidoTransformer3DModel",
+                 "kaleido_s2v.release", _BASE)
+MAGREF = Family("magref", "kaleido_s2v.magref.pipeline:MagrefPipeline", "diffusers:WanTransformer3DModel",
+                "kaleido_s2v.magref.release", (*_BASE, "image_encoder"), fits_references=False, keyed_batch=True, options=("layout", "layout_seed"))
+# model_index.json _class_name -> family (diffusers' Wan image-to-video folders run as MAGREF: the same network)
+FAMILIES = {"KaleidoPipeline": KALEIDO, "MagrefPipeline": MAGREF, "WanImageToVideoPipeline": MAGREF}
 
 
 @dataclass(frozen=True)
@@ -49,6 +110,16 @@ class ModelFacts:
     vae_temporal_stride: int  # 4
     patch_size: tuple[int, int, int]  # the transformer's (t, h, w) patch
     generation_defaults: dict[str, Any]  # generation_defaults.json (only its known keys)
+
+    @property
+    def family(self) -> Family:
+        """The family of the folder's pipeline class (a folder without one is Kaleido's)."""
+        return FAMILIES.get(self.pipeline_class or "KaleidoPipeline", KALEIDO)
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The family release's sampling defaults, with the folder's generation_defaults.json over them."""
+        return {**self.family.defaults, **self.generation_defaults}
 
     @property
     def size_multiple(self) -> int:
@@ -117,9 +188,9 @@ def check_component(root: Path, name: str, flag: str) -> None:
 
 
 def check_model_folder(path: str | os.PathLike, flag: str = "--model", *,
-                       components=tuple(PIPELINE_FILES), index: bool = True) -> Path:
-    """Check a diffusers pipeline folder: the `components` it must hold (None: those model_index.json names) and,
-    with `index`, model_index.json."""
+                       components="family", index: bool = True) -> Path:
+    """Check a diffusers pipeline folder: the `components` it must hold ("family": those its pipeline class needs,
+    None: those model_index.json names) and, with `index`, model_index.json."""
     root = Path(path).expanduser()
     if not root.exists():
         raise UserInputError(f"{flag} '{root}' does not exist: give a local diffusers-format folder ({EXPECTED})")
@@ -127,12 +198,16 @@ def check_model_folder(path: str | os.PathLike, flag: str = "--model", *,
         raise UserInputError(f"{flag} '{root}' is a file: give the folder that holds it ({EXPECTED})")
     if index:
         entries = _json_object(root / "model_index.json", flag)
-        if components is None:
+        if components == "family":
+            components = FAMILIES.get(entries.get("_class_name"), KALEIDO).components
+        elif components is None:
             components = [c for c, v in entries.items() if isinstance(v, list) and v and v[0] is not None
                           and c in PIPELINE_FILES]
         missing = [c for c in components if not isinstance(entries.get(c), list) or entries[c][0] is None]
         if missing:
             raise UserInputError(f"{flag} '{root}': model_index.json has no entry for {', '.join(missing)}")
+    if components == "family":  # no model_index.json read: Kaleido's
+        components = KALEIDO.components
     for name in components or ():
         check_component(root, name, flag)
     if (root / GENERATION_DEFAULTS_FILE).exists():
@@ -173,7 +248,7 @@ def size_multiple(model_dir: str | os.PathLike | None) -> int:
 
 
 def resolve_model_folder(path: str | os.PathLike, flag: str = "--model", *, auto_convert: bool = False,
-                         components=tuple(PIPELINE_FILES)) -> Path:
+                         components="family") -> Path:
     """The checked diffusers pipeline folder for what the user named (an official release: see module doc)."""
     root = Path(path).expanduser()
     if root.is_dir() and not (root / "model_index.json").exists():
@@ -181,6 +256,14 @@ def resolve_model_folder(path: str | os.PathLike, flag: str = "--model", *, auto
 
         root = Path(resolve_model_dir(root, auto_convert=auto_convert, label=f"{flag} "))
     return check_model_folder(root, flag, components=components)
+
+
+def load_pipeline(root, flag: str = "--model", **kwargs):
+    """The pipeline of a checked folder (its family's class, `from_pretrained`), a loader's error as one line
+    naming `flag` (`loading`)."""
+    cls = facts(root).family.pipeline_class()
+    with loading(root, flag):
+        return cls.from_pretrained(root, **kwargs)
 
 
 @contextlib.contextmanager

@@ -25,11 +25,12 @@ from PIL import Image
 
 from .errors import UserInputError
 from .latents import denormalize_latents, encode_references
-from .references import ReferenceImage
+from .references import ReferenceImage, group_references
 from .release import (
     GENERATION_DEFAULTS,
     KALEIDO_NEGATIVE_PROMPT,
     MAX_REFERENCES,
+    REFERENCE_NOTE,
     SHIFT,
     TRAINED_REFERENCES,
     WAN_NEGATIVE_PROMPT,  # noqa: F401 (importable from here, as before)
@@ -72,8 +73,10 @@ def check_sizes(height: int, width: int, num_inference_steps: int, size_multiple
         raise UserInputError(f"{n['num_inference_steps']} {num_inference_steps}: must be at least 1 (the release uses 50)")
 
 
-def check_request(prompt, negative_prompt, num_references: int, max_references: int, names=None) -> None:
-    """Prompt, negative prompt and reference count of one call (or one batch case)."""
+def check_request(prompt, negative_prompt, num_references: int, max_references: int, names=None,
+                  note: str = REFERENCE_NOTE) -> None:
+    """Prompt, negative prompt and reference count of one call (or one batch case); `note`: why fewer
+    references are better (the family's `REFERENCE_NOTE`)."""
     n = {**ARGUMENT_NAMES, **(names or {})}
     if prompt is None or not isinstance(prompt, (str, list)):
         raise UserInputError(f"{n['prompt']} has to be a `str` or a `list` of str but is {type(prompt).__name__}")
@@ -87,7 +90,7 @@ def check_request(prompt, negative_prompt, num_references: int, max_references: 
     if num_references > max_references:
         raise UserInputError(
             f"{n['reference_images']}: {num_references} reference images, more than the limit {max_references}: give "
-            f"fewer (the model was trained with at most {TRAINED_REFERENCES}) or raise {n['max_references']}"
+            f"fewer ({note}) or raise {n['max_references']}"
         )
 
 
@@ -108,7 +111,77 @@ def official_prompt(prompt: str, reference_paths: Sequence[str | os.PathLike]) -
     return "@@".join([prompt, *(os.fspath(p) for p in reference_paths)])
 
 
-class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+class WanSamplingMixin:
+    """What both pipelines share with WanPipeline: the call-state properties, the checks of the callback and output
+    options, and the noise of `prepare_latents` (B, C, 1 + (F−1)/4, H/8, W/8) drawn from `generator`."""
+
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+
+    def check_call_options(self, callback_on_step_end_tensor_inputs=None, output_type: str = "np") -> None:
+        unknown = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found {unknown}"
+            )
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"`output_type` must be one of 'np', 'pt', 'pil', 'latent' but is {output_type!r}")
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def interrupt(self):
+        return self._interrupt
+
+    @property
+    def attention_kwargs(self):
+        return self._attention_kwargs
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        num_frames: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if latents is not None:
+            return latents.to(device=device, dtype=dtype)
+        num_latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        shape = (
+            batch_size,
+            num_channels_latents,
+            num_latent_frames,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
+                f" size of {batch_size}. Make sure the batch size matches the length of the generators."
+            )
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
     r"""Kaleido subject-to-video pipeline: references + prompt -> video.
 
     Args:
@@ -123,7 +196,6 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
-    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _lora_loadable_modules = ["transformer"]
 
     def __init__(self, tokenizer, text_encoder, vae, transformer, scheduler: FlowMatchEulerDiscreteScheduler):
@@ -189,30 +261,6 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         return prompt_embeds, negative_prompt_embeds
 
     # ------------------------------------------------------------------ references
-    @staticmethod
-    def _reference_lists(reference_images, batch_size: int) -> tuple[list[list[ReferenceImage]], bool]:
-        """(one list of references per prompt, shared). A flat list (or one image) is shared by every prompt."""
-        if reference_images is None:
-            return [[] for _ in range(batch_size)], True
-        if isinstance(reference_images, np.ndarray) and reference_images.ndim == 4:
-            reference_images = list(reference_images)  # (N, H, W, 3)
-        if not isinstance(reference_images, (list, tuple)):
-            reference_images = [reference_images]
-        if reference_images and all(isinstance(r, (list, tuple)) for r in reference_images):
-            if len(reference_images) != batch_size:
-                raise ValueError(
-                    f"`reference_images` has {len(reference_images)} per-prompt lists but there are {batch_size} "
-                    "prompts: give one list per prompt, or one flat list shared by all prompts"
-                )
-            counts = {len(r) for r in reference_images}
-            if len(counts) != 1:
-                raise ValueError(
-                    f"`reference_images` lists have different lengths {sorted(counts)}: every prompt of one call "
-                    "needs the same number of references"
-                )
-            return [list(r) for r in reference_images], False
-        return [list(reference_images)] * batch_size, True
-
     @torch.no_grad()
     def encode_references(
         self,
@@ -261,42 +309,7 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 f"{num_refs} references given; the model was trained with at most {TRAINED_REFERENCES}, so quality "
                 "may drop."
             )
-        if callback_on_step_end_tensor_inputs is not None and not all(
-            k in self._callback_tensor_inputs for k in callback_on_step_end_tensor_inputs
-        ):
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found "
-                f"{[k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]}"
-            )
-
-    def prepare_latents(
-        self,
-        batch_size: int,
-        num_channels_latents: int,
-        height: int,
-        width: int,
-        num_frames: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if latents is not None:
-            return latents.to(device=device, dtype=dtype)
-        num_latent_frames = (num_frames - 1) // self.vae_scale_factor_temporal + 1
-        shape = (
-            batch_size,
-            num_channels_latents,
-            num_latent_frames,
-            height // self.vae_scale_factor_spatial,
-            width // self.vae_scale_factor_spatial,
-        )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
-                f" size of {batch_size}. Make sure the batch size matches the length of the generators."
-            )
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        self.check_call_options(callback_on_step_end_tensor_inputs)
 
     def set_official_timesteps(self, num_inference_steps: int, device: torch.device | None = None) -> torch.Tensor:
         """Put the scheduler on the official grid `release.official_sigmas` (timesteps 1000·σ_k, k < n).
@@ -319,31 +332,6 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         finally:
             self.scheduler.set_shift(SHIFT)
         return self.scheduler.timesteps
-
-    # ------------------------------------------------------------------ properties (as WanPipeline)
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self):
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self):
-        return self._num_timesteps
-
-    @property
-    def current_timestep(self):
-        return self._current_timestep
-
-    @property
-    def interrupt(self):
-        return self._interrupt
-
-    @property
-    def attention_kwargs(self):
-        return self._attention_kwargs
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -398,7 +386,7 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
         # 1. Check inputs. Raise error if not correct
         batch_size = len(prompt) if isinstance(prompt, list) else 1
-        reference_lists, shared_references = self._reference_lists(reference_images, batch_size)
+        reference_lists, shared_references = group_references(reference_images, batch_size)
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -409,8 +397,7 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             max_references,
             callback_on_step_end_tensor_inputs,
         )
-        if output_type not in ("np", "pt", "pil", "latent"):
-            raise ValueError(f"`output_type` must be one of 'np', 'pt', 'pil', 'latent' but is {output_type!r}")
+        self.check_call_options(output_type=output_type)
         if num_frames % self.vae_scale_factor_temporal != 1:
             logger.warning(
                 f"`num_frames - 1` has to be divisible by {self.vae_scale_factor_temporal}. Rounding to the nearest "
@@ -536,12 +523,3 @@ class KaleidoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if not return_dict:
             return (video,)
         return KaleidoPipelineOutput(frames=video)
-
-
-def load_pipeline(root, flag: str = "--model", **kwargs) -> KaleidoPipeline:
-    """`KaleidoPipeline.from_pretrained` of a checked folder, a loader's error as one line naming `flag`
-    (`model_folder.loading`)."""
-    from .model_folder import loading
-
-    with loading(root, flag):
-        return KaleidoPipeline.from_pretrained(root, **kwargs)

@@ -75,13 +75,42 @@ def fit_reference(image: ReferenceImage, height: int, width: int) -> Image.Image
     `int()`-truncated; resampling is LANCZOS; padding (left, top) = (Δw // 2, Δh // 2) with (255, 255, 255).
     """
     img = load_reference(image)
-    w_img, h_img = img.size
+    new_w, new_h, left, top = fit_box(*img.size, height, width)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    canvas.paste(img.resize((new_w, new_h), Image.Resampling.LANCZOS), (left, top))
+    return canvas
+
+
+def fit_box(w_img: int, h_img: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(new_w, new_h, left, top): where `fit_reference` puts an image of w_img x h_img (MAGREF's `resize_and_pad`
+    computes the same box)."""
     if w_img / h_img > width / height:
         new_w, new_h = width, int(width / (w_img / h_img))
     else:
         new_h, new_w = height, int(height * (w_img / h_img))
     new_w, new_h = max(new_w, 1), max(new_h, 1)
-    img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    canvas.paste(img, ((width - new_w) // 2, (height - new_h) // 2))
-    return canvas
+    return new_w, new_h, (width - new_w) // 2, (height - new_h) // 2
+
+
+def group_references(reference_images, batch_size: int) -> tuple[list[list[ReferenceImage]], bool]:
+    """(one list of references per prompt, shared). A flat list (or one image) is shared by every prompt."""
+    if reference_images is None:
+        return [[] for _ in range(batch_size)], True
+    if isinstance(reference_images, np.ndarray) and reference_images.ndim == 4:
+        reference_images = list(reference_images)  # (N, H, W, 3)
+    if not isinstance(reference_images, (list, tuple)):
+        reference_images = [reference_images]
+    if reference_images and all(isinstance(r, (list, tuple)) for r in reference_images):
+        if len(reference_images) != batch_size:
+            raise ValueError(
+                f"`reference_images` has {len(reference_images)} per-prompt lists but there are {batch_size} "
+                "prompts: give one list per prompt, or one flat list shared by all prompts"
+            )
+        counts = {len(r) for r in reference_images}
+        if len(counts) != 1:
+            raise ValueError(
+                f"`reference_images` lists have different lengths {sorted(counts)}: every prompt of one call "
+                "needs the same number of references"
+            )
+        return [list(r) for r in reference_images], False
+    return [list(reference_images)] * batch_size, True

@@ -13,6 +13,8 @@ REF_ROPE = "shift_hw"  # the R-RoPE variant the release was trained with (§1.7)
 REF_ROPE_OFFSET = 80  # its spatial offset O, in patches
 TRAINED_REFERENCES = 3  # trained with at most 3 references; more gets a warning
 MAX_REFERENCES = 4  # our default hard limit per video
+REFERENCE_NOTE = f"the model was trained with at most {TRAINED_REFERENCES}"  # why more references do worse
+MIN_FRAMES = 1  # 4k + 1, k >= 0
 
 # Wan2.1's default negative prompt (`wan/configs/shared_config.py`, `sample_neg_prompt`).
 WAN_NEGATIVE_PROMPT = (

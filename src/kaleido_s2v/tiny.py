@@ -94,3 +94,52 @@ def tiny_components(seed: int = 0, **transformer_overrides: Any) -> dict[str, An
         transformer=tiny_transformer(seed, **transformer_overrides),
         scheduler=tiny_scheduler(),
     )
+
+
+# ---------------------------------------------------------------------------------------------------- MAGREF
+TINY_IMAGE_DIM = 24
+
+
+def tiny_wan_i2v_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """diffusers `WanTransformer3DModel` in the image-to-video configuration MAGREF uses (36 input channels:
+    noise 16 + mask 4 + canvas latent 16; CLIP features through `image_dim`; added K/V of the inner width)."""
+    heads, head_dim = 2, 12
+    config = dict(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36,
+        out_channels=16, text_dim=TINY_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=TINY_IMAGE_DIM, added_kv_proj_dim=heads * head_dim,
+        rope_max_seq_len=32,
+    )
+    config.update(overrides)
+    return config
+
+
+def tiny_wan_i2v_transformer(seed: int = 0, **overrides: Any):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(**tiny_wan_i2v_transformer_config(**overrides))
+
+
+def tiny_image_encoder(seed: int = 0, hidden_size: int = TINY_IMAGE_DIM):
+    """transformers `CLIPVisionModel` (the ViT-H/14 class) at 28 px / patch 14: 5 tokens of `hidden_size`."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=hidden_size, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=28, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=16)
+    return CLIPVisionModel(config).eval()
+
+
+def tiny_magref_components(seed: int = 0, **transformer_overrides: Any) -> dict[str, Any]:
+    """Components for `MagrefPipeline(**tiny_magref_components())`."""
+    from .magref.release import magref_scheduler
+
+    return dict(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=tiny_text_encoder(seed),
+        vae=tiny_vae(seed),
+        transformer=tiny_wan_i2v_transformer(seed, **transformer_overrides),
+        image_encoder=tiny_image_encoder(seed),
+        scheduler=magref_scheduler(),
+    )

@@ -1,8 +1,9 @@
-"""Official Kaleido / Wan2.1 checkpoints → diffusers format.
+"""Official Kaleido / Wan2.1 / MAGREF checkpoints → diffusers format.
 
 - `resolve_model_dir(path, auto_convert=False, cache_dir=None)`: a diffusers folder for any model folder.
 - `convert(src, dst, ...)`: streaming, strict, atomic conversion of a release folder (see `converter.py`).
-- `keymap`: the one adapter owning SAT ↔ Wan ↔ diffusers weight names, both directions.
+- `keymap`: the one adapter owning SAT ↔ Wan (T2V, I2V) ↔ diffusers DiT weight names, both directions
+  (`t5`, `vae`, `clip`: the encoders' renamings).
 - `load_torch_file(path, trust_pickle=False)`: `torch.load(weights_only=True, mmap=True)` with a small allowlist.
 """
 

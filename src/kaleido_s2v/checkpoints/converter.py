@@ -1,10 +1,14 @@
-"""Streaming, strict, atomic conversion of an official Kaleido (or Wan2.1) release to a diffusers folder.
+"""Streaming, strict, atomic conversion of an official Kaleido (or Wan2.1, or MAGREF) release to a diffusers folder.
 
 Each component is planned first — every source tensor named, mapped, shape-checked against the target
 class built on the meta device — and only then written, tensor by tensor, into safetensors shards
 (`shards.py`). Source files are memory-mapped (`safe_load.py`), so anonymous memory stays at about one tensor
 (plus a dtype conversion), whatever the checkpoint size. Everything is built in a temporary folder beside
 `dst` and renamed at the end; `conversion_summary.json` records what was written.
+
+A Kaleido or Wan2.1 (T2V) release becomes a `KaleidoPipeline` folder; a MAGREF release (a Wan2.1 image-to-video
+checkpoint: config.json says model_type "i2v") a `MagrefPipeline` folder with diffusers' own
+`WanTransformer3DModel`, the CLIP visual tower as `CLIPVisionModel` (`clip.py`) and the release's flow UniPC.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from ..fileio import atomic_path, claim_folder
 from ..release import REF_ROPE, REF_ROPE_OFFSET, SHIFT
 from . import keymap
 from .layout import (
+    MAGREF_TREE,
     OFFICIAL_TREE,
     WAN_TREE,
     SourceLayout,
     default_cache_dir,
     detect_source,
+    format_components,
     guess_format,
     is_diffusers_pipeline,
     source_fingerprint,
@@ -41,7 +47,9 @@ from .shards import TORCH_DTYPES, LazyTensor, parse_size, write_shards
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUMMARY_FILE = "conversion_summary.json"
 PIPELINE_CLASS = "KaleidoPipeline"
+PIPELINE_CLASSES = {"official": PIPELINE_CLASS, "wan": PIPELINE_CLASS, "magref": "MagrefPipeline"}
 MADE_BY = "kaleido-s2v convert"
+DEFAULT_HEAD_DIM = 128  # Kaleido-14B, Wan2.1 14B and 1.3B (not stored in the weights)
 
 
 # ------------------------------------------------------------------------------------------------- transformer
@@ -71,6 +79,7 @@ def _wan_sources(layout: SourceLayout) -> tuple[dict[str, SourceTensor], Counter
     from safetensors import safe_open
 
     sources: dict[str, SourceTensor] = {}
+    found: set[str] = set()
     for path in layout.transformer_files:
         try:
             handle = safe_open(str(path), framework="pt")
@@ -80,16 +89,27 @@ def _wan_sources(layout: SourceLayout) -> tuple[dict[str, SourceTensor], Counter
             name = key[len(keymap.WAN_OPTIONAL_PREFIX) :] if key.startswith(keymap.WAN_OPTIONAL_PREFIX) else key
             if name in sources:
                 raise UserInputError(f"{path}: key {key} also appears in another shard")
+            if layout.weight_map is not None and layout.weight_map.get(key) != path.name:
+                where = layout.weight_map.get(key)
+                index = layout.index_file.name
+                raise UserInputError(
+                    f"{path}: key {key} " + (f"is not named by {index}" if where is None else f"is in {index} as {where}'s")
+                )
+            found.add(key)
             sl = handle.get_slice(key)
             dtype = TORCH_DTYPES[sl.get_dtype()]
             sources[name] = SourceTensor(sl.get_shape(), dtype, lambda h=handle, k=key: h.get_tensor(k))
+    if layout.weight_map is not None:  # every key the index names was found (in its shard: checked above)
+        absent = [k for k in layout.weight_map if k not in found]
+        if absent:
+            raise UserInputError(f"{layout.index_file}: names keys its shards lack: {key_names(absent)}")
     return sources, Counter()
 
 
-def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], num_layers: int, attention_head_dim: int) -> dict:
-    """KaleidoTransformer3DModel config from diffusers-named tensor shapes (head dim cannot be inferred)."""
+def _wan_config(shapes: Mapping[str, tuple[int, ...]], num_layers: int, attention_head_dim: int) -> dict:
+    """The Wan DiT config shared by Kaleido and diffusers' Wan, from diffusers-named shapes (head dim given)."""
     inner, in_channels, *patch = shapes["patch_embedding.weight"]
-    if inner % attention_head_dim:
+    if attention_head_dim <= 0 or inner % attention_head_dim:
         raise UserInputError(f"--attention-head-dim {attention_head_dim}: does not divide the model width {inner}")
     return dict(
         patch_size=tuple(patch),
@@ -104,15 +124,75 @@ def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], num_layers: 
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
-        ref_rope=REF_ROPE,
-        ref_rope_offset=REF_ROPE_OFFSET,
     )
 
 
-def plan_transformer(layout: SourceLayout, dtype=None, attention_head_dim: int = 128, trust_pickle: bool = False):
-    """Load (memory-mapped), map and check the DiT; returns (LazyTensors, meta-device model, skipped-key counts)."""
-    from ..transformer import KaleidoTransformer3DModel
+def infer_transformer_config(shapes: Mapping[str, tuple[int, ...]], num_layers: int, attention_head_dim: int) -> dict:
+    """KaleidoTransformer3DModel config from diffusers-named tensor shapes (head dim cannot be inferred)."""
+    return dict(_wan_config(shapes, num_layers, attention_head_dim), ref_rope=REF_ROPE, ref_rope_offset=REF_ROPE_OFFSET)
 
+
+def infer_wan_i2v_config(shapes: Mapping[str, tuple[int, ...]], num_layers: int, attention_head_dim: int) -> dict:
+    """diffusers WanTransformer3DModel (image-to-video) config from diffusers-named shapes: the Wan config plus the
+    CLIP branch (`image_dim`: the CLIP width; `added_kv_proj_dim`: the width the image K/V read, the inner dim)."""
+    return dict(
+        _wan_config(shapes, num_layers, attention_head_dim),
+        image_dim=shapes["condition_embedder.image_embedder.ff.net.0.proj.weight"][1],
+        added_kv_proj_dim=shapes["blocks.0.attn2.add_k_proj.weight"][1],
+    )
+
+
+# config.json of a Wan release (WanModel's arguments) -> the diffusers config value it must equal
+_WAN_CONFIG_FIELDS = {
+    "dim": lambda c: c["num_attention_heads"] * c["attention_head_dim"],
+    "in_dim": lambda c: c["in_channels"],
+    "out_dim": lambda c: c["out_channels"],
+    "ffn_dim": lambda c: c["ffn_dim"],
+    "freq_dim": lambda c: c["freq_dim"],
+    "text_dim": lambda c: c["text_dim"],
+    "num_layers": lambda c: c["num_layers"],
+    "num_heads": lambda c: c["num_attention_heads"],
+    "patch_size": lambda c: list(c["patch_size"]),
+    "eps": lambda c: c["eps"],
+    "qk_norm": lambda c: True,
+    "cross_attn_norm": lambda c: c["cross_attn_norm"],
+    "window_size": lambda c: [-1, -1],  # global attention (diffusers' Wan has no local window)
+}
+
+
+def check_wan_config(release_config: Mapping, config: Mapping, where) -> None:
+    """The release's config.json must agree with the config read from the weights (each field it has)."""
+    bad = []
+    for name, value in _WAN_CONFIG_FIELDS.items():
+        if name in release_config:
+            got = release_config[name]
+            got = list(got) if isinstance(got, (list, tuple)) else got
+            if got != value(config):
+                bad.append(f"{name} is {release_config[name]!r} but the weights give {value(config)!r}")
+    if bad:
+        hint = " (--attention-head-dim sets the heads)" if any(b.startswith("num_heads") for b in bad) else ""
+        raise UserInputError(f"{where}: {'; '.join(bad)}{hint}")
+
+
+def _head_dim(layout: SourceLayout, inner: int, attention_head_dim: int | None) -> int:
+    """The option if given; else the release config's width / num_heads (MAGREF's config.json), else 128."""
+    if attention_head_dim is not None:
+        return attention_head_dim
+    if layout.config is None or "num_heads" not in layout.config:
+        return DEFAULT_HEAD_DIM
+    heads = layout.config["num_heads"]
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads <= 0 or inner % heads:
+        raise UserInputError(f"{layout.config_file}: num_heads {heads!r} does not divide the model width {inner}")
+    return inner // heads
+
+
+def plan_transformer(
+    layout: SourceLayout, dtype=None, attention_head_dim: int | None = None, trust_pickle: bool = False
+):
+    """Load (memory-mapped), map and check the DiT; returns (LazyTensors, meta-device model, skipped-key counts).
+
+    Kaleido / Wan2.1 T2V -> KaleidoTransformer3DModel; MAGREF (Wan2.1 I2V) -> diffusers WanTransformer3DModel.
+    `attention_head_dim` None: from the release's config.json (MAGREF), else 128."""
     fmt = layout.format
     if fmt == "official":
         sources, skipped = _official_sources(layout, trust_pickle)
@@ -125,7 +205,8 @@ def plan_transformer(layout: SourceLayout, dtype=None, attention_head_dim: int =
     missing = [prefix + k for k in table if k not in sources]
     unexpected = [prefix + k for k in sources if k not in table]
     if unexpected:
-        raise UserInputError(f"{where}: unexpected DiT keys {key_names(unexpected)} (not part of the Kaleido/Wan2.1 DiT)")
+        what = "the Wan2.1 image-to-video DiT" if fmt == "magref" else "the Kaleido/Wan2.1 DiT"
+        raise UserInputError(f"{where}: unexpected DiT keys {key_names(unexpected)} (not part of {what})")
     if missing or num_layers == 0:
         raise UserInputError(f"{where}: missing DiT keys {key_names(missing or ['blocks'])}")
     targets = keymap.diffusers_to_source_table(fmt, num_layers)
@@ -136,12 +217,25 @@ def plan_transformer(layout: SourceLayout, dtype=None, attention_head_dim: int =
             )
     tensors = lazy_from_mapping(sources, targets, dtype)
     shapes = {t.name: t.shape for t in tensors}
-    for key in ("patch_embedding.weight", "proj_out.weight", "blocks.0.ffn.net.0.proj.weight"):
+    matrices = ["patch_embedding.weight", "proj_out.weight", "blocks.0.ffn.net.0.proj.weight"]
+    if fmt == "magref":
+        matrices += ["condition_embedder.image_embedder.ff.net.0.proj.weight", "blocks.0.attn2.add_k_proj.weight"]
+    for key in matrices:
         if len(shapes[key]) < 2:
             raise UserInputError(f"{where}: {prefix + targets[key][0]} has shape {shapes[key]}, expected a matrix")
-    config = infer_transformer_config(shapes, num_layers, attention_head_dim)
+    head_dim = _head_dim(layout, shapes["patch_embedding.weight"][0], attention_head_dim)
+    if fmt == "magref":
+        from diffusers import WanTransformer3DModel as model_class
+
+        config = infer_wan_i2v_config(shapes, num_layers, head_dim)
+    else:
+        from ..transformer import KaleidoTransformer3DModel as model_class
+
+        config = infer_transformer_config(shapes, num_layers, head_dim)
+    if layout.config is not None:
+        check_wan_config(layout.config, config, layout.config_file)
     with torch.device("meta"):
-        model = KaleidoTransformer3DModel(**config)
+        model = model_class(**config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_against_model(
         shapes, expected, str(where), source_name=lambda k: prefix + targets[k][0] if k in targets else k
@@ -184,17 +278,37 @@ def _umt5_class():
     return UMT5EncoderModel
 
 
-def _model_index(components: dict[str, type]) -> dict:
-    """model_index.json exactly as `KaleidoPipeline.save_pretrained` writes it (diffusers' own naming rule:
-    a class outside diffusers/transformers is named by its module, e.g. `kaleido_s2v.transformer`)."""
+def _clip_vision_class():
+    from transformers import CLIPVisionModel
+
+    return CLIPVisionModel
+
+
+def _model_index(components: dict[str, type], pipeline_class: str = PIPELINE_CLASS,
+                 names=("scheduler", "text_encoder", "tokenizer", "transformer", "vae")) -> dict:
+    """model_index.json exactly as `<pipeline_class>.save_pretrained` writes it: every component of `names` (sorted,
+    as diffusers writes them), `[null, null]` where not converted; diffusers' own naming rule: a class outside
+    diffusers/transformers is named by its module, e.g. `kaleido_s2v.transformer`."""
     import diffusers
     from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
 
-    index = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
-    for name in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
+    index = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
+    for name in sorted(names):
         cls = components.get(name)
         index[name] = list(_fetch_class_library_tuple(cls)) if cls is not None else [None, None]
     return index
+
+
+def _scheduler(fmt: str):
+    """The release's scheduler and a one-line description of it."""
+    if fmt == "magref":
+        from ..magref.release import magref_scheduler
+
+        scheduler = magref_scheduler()
+        return scheduler, f"{type(scheduler).__name__}(flow_shift={scheduler.config.flow_shift})"
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=SHIFT), f"FlowMatchEulerDiscreteScheduler(shift={SHIFT})"
 
 
 def convert(
@@ -203,22 +317,24 @@ def convert(
     only=None,
     max_shard_size: str | int = "5GB",
     dtype: str = "keep",
-    attention_head_dim: int = 128,
+    attention_head_dim: int | None = None,
     trust_pickle: bool = False,
     src_format: str = "auto",
     progress: bool = True,
     t5_max_distance: int = 128,
     overwrite: bool = False,
+    image_encoder_head_dim: int | None = None,
 ) -> dict:
     """Convert a release folder into a diffusers pipeline folder at `dst`; returns the summary dict.
 
-    `only`: subset of transformer,vae,text_encoder,tokenizer (default all). `dtype`: keep|bf16|fp16|fp32.
-    `t5_max_distance`: umT5's relative_attention_max_distance (Wan's T5 uses 128; not stored in the weights).
-    `dst` must be new, empty, or a folder an earlier conversion wrote (and nothing else since); `overwrite`
-    replaces any folder.
+    `only`: subset of transformer,vae,text_encoder,tokenizer (+ image_encoder for MAGREF; default all).
+    `dtype`: keep|bf16|fp16|fp32. `attention_head_dim`: the DiT's head dim (not in the weights; default: from
+    MAGREF's config.json num_heads, else 128). `image_encoder_head_dim`: the CLIP ViT's head dim (default 80:
+    ViT-H/14's 16 heads of width 1280). `t5_max_distance`: umT5's relative_attention_max_distance (Wan's T5 uses
+    128; not stored in the weights). `dst` must be new, empty, or a folder an earlier conversion wrote (and
+    nothing else since); `overwrite` replaces any folder.
     """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+    from .clip import HEAD_DIM, plan_image_encoder
     from .t5 import load_tokenizer, plan_text_encoder
     from .vae import plan_vae
 
@@ -246,12 +362,19 @@ def convert(
         plans["text_encoder"] = plan_text_encoder(layout.t5_file, torch_dtype, trust_pickle, t5_max_distance)
     if "tokenizer" in components:
         plans["tokenizer"] = load_tokenizer(layout.tokenizer_dir)
+    if "image_encoder" in components:
+        plans["image_encoder"] = plan_image_encoder(
+            layout.clip_file, torch_dtype, trust_pickle, HEAD_DIM if image_encoder_head_dim is None else image_encoder_head_dim
+        )
+    scheduler, scheduler_text = _scheduler(layout.format)
+    pipeline_class = PIPELINE_CLASSES[layout.format]
 
     # 2. Write into a temporary folder beside dst; rename at the end.
     planned = time.perf_counter()
     summary: dict = {
         "source": str(layout.root),
         "source_format": layout.format,
+        "pipeline": pipeline_class,
         "iteration": layout.iteration,
         "destination": str(dst),
         "dtype": dtype,
@@ -299,9 +422,25 @@ def convert(
             files = sorted(p.name for p in (tmp / "tokenizer").iterdir())
             summary["components"]["tokenizer"] = {"class": type(tokenizer).__name__, "files": files}
             index["tokenizer"] = type(tokenizer)
-        FlowMatchEulerDiscreteScheduler(shift=SHIFT).save_pretrained(tmp / "scheduler")
-        index["scheduler"] = FlowMatchEulerDiscreteScheduler
-        (tmp / "model_index.json").write_text(json.dumps(_model_index(index), indent=2) + "\n")
+        if "image_encoder" in plans:
+            tensors, config, skipped = plans["image_encoder"]
+            summary["components"]["image_encoder"] = write_component(
+                tensors,
+                config.save_pretrained,
+                tmp / "image_encoder",
+                "model",
+                max_shard_bytes,
+                "image_encoder",
+                progress,
+                skipped_keys=sum(skipped.values()),
+                skipped_prefixes=dict(skipped),
+            )
+            index["image_encoder"] = _clip_vision_class()
+        scheduler.save_pretrained(tmp / "scheduler")
+        index["scheduler"] = type(scheduler)
+        summary["scheduler"] = scheduler_text
+        model_index = _model_index(index, pipeline_class, ("scheduler", *format_components(layout.format)))
+        (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
         now = time.perf_counter()
         summary["seconds"] = round(now - start, 3)
         summary["plan_seconds"] = round(planned - start, 3)  # imports, loading (mmap), checks
@@ -314,7 +453,7 @@ def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache
     """Return a diffusers pipeline folder for `path`.
 
     - a diffusers pipeline folder (has `model_index.json`) is returned as is;
-    - an official Kaleido (or original Wan2.1) release is converted into
+    - an official Kaleido (or original Wan2.1, or MAGREF) release is converted into
       `<cache_dir>/<name>-<fingerprint>` when `auto_convert` (reused if already there; the cache root is
       `$KALEIDO_S2V_CACHE` or `~/.cache/kaleido-s2v/converted`), else `UserInputError` gives the exact
       `kaleido-s2v convert` command;
@@ -331,7 +470,8 @@ def resolve_model_dir(path: str | os.PathLike, auto_convert: bool = False, cache
     if guess_format(root) is None:
         raise UserInputError(
             f"{label}{root}: not a model folder; expected a diffusers pipeline folder (with model_index.json), "
-            f"an official Kaleido release ({OFFICIAL_TREE}) or a Wan2.1 release ({WAN_TREE})"
+            f"an official Kaleido release ({OFFICIAL_TREE}), a Wan2.1 release ({WAN_TREE}) or a MAGREF release "
+            f"({MAGREF_TREE})"
         )
     layout = detect_source(root, label=label)
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

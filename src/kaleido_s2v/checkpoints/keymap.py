@@ -1,4 +1,4 @@
-"""The one adapter owning the DiT weight names: SAT (official Kaleido) ↔ Wan2.1 original ↔ diffusers.
+"""The one adapter owning the DiT weight names: SAT (official Kaleido) ↔ Wan2.1 original (T2V, I2V) ↔ diffusers.
 
 Every name is an explicit table entry (reference/kaleido-official.md §5.2); nothing is matched by substring.
 A source key maps to one diffusers key, or — for SAT's fused projections — to several, split evenly along
@@ -102,7 +102,34 @@ WAN_LAYER: dict[str, tuple[str, ...]] = {
     "blocks.{i}.ffn.2.bias": ("blocks.{i}.ffn.net.2.bias",),
 }
 
-TABLES = {"official": (SAT_GLOBAL, SAT_LAYER), "wan": (WAN_GLOBAL, WAN_LAYER)}
+# ---- Wan2.1 image-to-video (e.g. Wan2.1-I2V-14B, MAGREF): the T2V keys plus the CLIP-feature branch
+# (`img_emb` = MLPProj: LayerNorm, Linear, GELU, Linear, LayerNorm; per block `k_img`/`v_img`/`norm_k_img` in the
+# cross-attention), named as in diffusers' `WanTransformer3DModel` (scripts/convert_wan_to_diffusers.py).
+WAN_I2V_GLOBAL: dict[str, tuple[str, ...]] = {
+    **WAN_GLOBAL,
+    **{
+        f"img_emb.proj.{wan}.{wb}": (f"condition_embedder.image_embedder.{dif}.{wb}",)
+        for wan, dif in (("0", "norm1"), ("1", "ff.net.0.proj"), ("3", "ff.net.2"), ("4", "norm2"))
+        for wb in ("weight", "bias")
+    },
+}
+WAN_I2V_LAYER: dict[str, tuple[str, ...]] = {
+    **WAN_LAYER,
+    **{
+        f"blocks.{{i}}.cross_attn.{wan}.{wb}": (f"{_ATTN2}.{dif}.{wb}",)
+        for wan, dif in (("k_img", "add_k_proj"), ("v_img", "add_v_proj"))
+        for wb in ("weight", "bias")
+    },
+    "blocks.{i}.cross_attn.norm_k_img.weight": (f"{_ATTN2}.norm_added_k.weight",),
+}
+
+# format -> (global table, per-layer table). "magref" is the layout format of the MAGREF release: a Wan2.1 I2V DiT.
+TABLES = {
+    "official": (SAT_GLOBAL, SAT_LAYER),
+    "wan": (WAN_GLOBAL, WAN_LAYER),
+    "wan_i2v": (WAN_I2V_GLOBAL, WAN_I2V_LAYER),
+    "magref": (WAN_I2V_GLOBAL, WAN_I2V_LAYER),
+}
 
 
 def _layer_regex(layer_table: Mapping[str, tuple[str, ...]]) -> dict[str, re.Pattern]:
@@ -181,6 +208,11 @@ def diffusers_to_sat(state_dict: Mapping[str, object], prefix: str = SAT_PREFIX)
 
 def diffusers_to_wan(state_dict: Mapping[str, object], prefix: str = "") -> dict[str, object]:
     return diffusers_to_source(state_dict, "wan", prefix)
+
+
+def diffusers_to_wan_i2v(state_dict: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    """diffusers `WanTransformer3DModel` (image-to-video) state dict -> Wan2.1 I2V names (e.g. the MAGREF shards)."""
+    return diffusers_to_source(state_dict, "wan_i2v", prefix)
 
 
 # ---- umT5 encoder: Wan's own T5 (`wan/modules/t5.py`, T5Encoder with shared_pos=False) -> transformers UMT5

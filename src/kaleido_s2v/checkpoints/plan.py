@@ -1,9 +1,10 @@
 """The plan types of a conversion: source tensors known by shape before they are read, their mapping onto target
 names (`lazy_from_mapping`), and the strict key/shape check against the target class (`check_against_model`).
-A leaf module: the component planners (`converter`, `t5`, `vae`) import it, it imports none of them."""
+A leaf module: the component planners (`converter`, `t5`, `vae`, `clip`) import it, it imports none of them."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -27,17 +28,23 @@ def key_names(keys, limit: int = 6) -> str:
 
 
 def lazy_from_mapping(
-    sources: Mapping[str, SourceTensor], targets: Mapping[str, tuple[str, int, int]], dtype: torch.dtype | None
+    sources: Mapping[str, SourceTensor], targets: Mapping[str, tuple], dtype: torch.dtype | None
 ) -> list[LazyTensor]:
-    """LazyTensors for target names; `targets[name] = (source key, part, parts)` (dim-0 split of fused weights)."""
+    """LazyTensors for target names; `targets[name] = (source key, part, parts)` (dim-0 split of fused weights),
+    or `(source key, part, parts, shape)` to give the part another shape of the same size (e.g. CLIP's (1, 1, D)
+    class embedding stored as (D,)). The planner checks source shapes first; a size mismatch here is its bug."""
     out = []
-    for name, (src, part, parts) in targets.items():
+    for name, (src, part, parts, *target_shape) in targets.items():
         s = sources[src]
         shape = (s.shape[0] // parts, *s.shape[1:])
+        if target_shape:
+            if math.prod(target_shape[0]) != math.prod(shape):
+                raise AssertionError(f"{name}: cannot view {src} part {shape} as {target_shape[0]}")  # a table bug
+            shape = tuple(target_shape[0])
         out_dtype = dtype or s.dtype
 
-        def load(s=s, part=part, parts=parts, out_dtype=out_dtype):
-            return keymap.split_part(s.load(), part, parts).to(out_dtype)
+        def load(s=s, part=part, parts=parts, shape=shape, out_dtype=out_dtype):
+            return keymap.split_part(s.load(), part, parts).reshape(shape).to(out_dtype)
 
         out.append(LazyTensor(name, shape, out_dtype, load))
     return out

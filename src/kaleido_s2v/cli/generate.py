@@ -26,18 +26,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '  kaleido-s2v generate --prompt "a red ball rolls" -o demo.mp4            # built-in small model, CPU\n'
         '  kaleido-s2v generate --model Kaleido-diffusers --prompt "..." --ref a.png --ref b.png -o out.mp4\n'
         "  kaleido-s2v generate --model DIR --batch cases.txt --out-dir outs/     # lines: prompt@@img1@@img2\n"
+        '  kaleido-s2v generate --model MAGREF-diffusers --prompt "..." --ref a.png --layout grid -o out.mp4\n'
         "  kaleido-s2v evaluate --cases outs/manifest.jsonl --models models.yaml -o scores/   # score the batch\n"
         "  torchrun --nproc_per_node 8 -m kaleido_s2v generate --model DIR ...    # context parallel on 8 GPUs\n"
         "see docs/generate.md for memory recipes (24 GB GPUs) and multi-GPU use."
     )
     io = parser.add_argument_group("model and inputs")
-    io.add_argument("--model", metavar="DIR", help="diffusers-format Kaleido folder (default: the built-in model)")
+    io.add_argument("--model", metavar="DIR", help="diffusers-format Kaleido or MAGREF folder, or an official release "
+                    "with --convert (default: the built-in model)")
     io.add_argument("--convert", action="store_true", help="convert an official release folder given to --model")
     io.add_argument("--prompt", help="the caption of the video")
     io.add_argument("--ref", action="append", default=[], metavar="IMAGE", help="reference image (repeatable)")
-    io.add_argument("--negative-prompt", help="default: the model's generation default, else the release's (Wan2.1's, minus one phrase)")
+    io.add_argument("--negative-prompt", help="default: the model's (Kaleido's release: Wan2.1's minus one phrase; "
+                    "MAGREF's: 'camera shake,' + Wan2.1's)")
     io.add_argument("-o", "--output", default="output.mp4", help="output video (.mp4); a .json sidecar goes beside")
-    io.add_argument("--batch", metavar="FILE", help="one case per line: prompt@@img1@@img2 (paths relative to FILE) "
+    io.add_argument("--batch", metavar="FILE", help="one case per line: prompt@@img1@@img2 (MAGREF: "
+                    "key@@prompt@@img1@@img2, writing <key>.mp4; paths relative to FILE) "
                     "or JSONL {prompt, references, seed?, output?, negative_prompt?}")
     io.add_argument("--out-dir", metavar="DIR", help="output folder of --batch (default: <FILE stem>_videos/), with "
                     "manifest.jsonl for `kaleido-s2v evaluate --cases`")
@@ -45,21 +49,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="skip bad --batch lines instead of stopping (exit code 3 when any was skipped)")
     io.add_argument("--split-cases", action="store_true",
                     help="under torchrun: ranks share the --batch cases instead of sharding each video")
-    io.add_argument("--max-references", type=int, default=4, help="refuse more references than this (default 4)")
+    io.add_argument("--max-references", type=int, help="refuse more references than this (default: Kaleido 4, "
+                    "MAGREF 8)")
     io.add_argument("--official-prompt-quirk", action="store_true",
                     help="encode the whole `prompt@@path1@@path2` line as the release's script did")
     add_overwrite(io, "an existing output video or .json sidecar")
 
-    s = parser.add_argument_group("sampling (defaults: the model's; the release's are 512x896, 81 frames, 50 steps)")
+    s = parser.add_argument_group("sampling (defaults: the model's; Kaleido's release 512x896, 81 frames, 50 steps, "
+                                  "CFG 6, 16 fps; MAGREF's 480x832, 81 -> 77 frames, 40 steps, CFG 5, 15 fps)")
     s.add_argument("--height", type=int)
     s.add_argument("--width", type=int)
-    s.add_argument("--frames", type=int, help="number of frames, 4k+1 (release: 81)")
+    s.add_argument("--frames", type=int, help="number of frames, 4k+1 (both releases: 81)")
     s.add_argument("--num-frames", dest="frames", type=int, help=argparse.SUPPRESS)
-    s.add_argument("--steps", type=int, help="denoising steps (release: 50)")
-    s.add_argument("--guidance", type=float, help="CFG scale (release: 6)")
+    s.add_argument("--steps", type=int, help="denoising steps")
+    s.add_argument("--guidance", type=float, help="CFG scale (1: no guidance)")
     s.add_argument("--seed", type=int, help="random seed (default: random, recorded in the sidecar)")
-    s.add_argument("--fps", type=int, help="frame rate of the mp4 (release: 16)")
+    s.add_argument("--fps", type=int, help="frame rate of the mp4")
     s.add_argument("--max-sequence-length", type=int, help="text tokens (default: the model's; release: 512)")
+    s.add_argument("--layout", choices=("release", "grid"), help="MAGREF: where references go on the canvas: "
+                   "release (default; three columns, the weights' commit) or grid (1-8 blocks)")
+    s.add_argument("--layout-seed", type=int, help="MAGREF --layout grid: shuffle the blocks reproducibly "
+                   "(default: references in order)")
 
     d = parser.add_argument_group("device and memory")
     d.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -72,11 +82,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_quiet(parser)
 
 
-def _cases(args, builtin: bool, settings: dict):
+def _family_options(args, family) -> dict:
+    """The family's own pipeline arguments from their flags (MAGREF's --layout, --layout-seed)."""
+    if args.official_prompt_quirk and family.name != "kaleido":
+        raise UserInputError(f"--official-prompt-quirk reproduces Kaleido's release script: drop it for this "
+                             f"{family.name.upper()} model")
+    if "layout" not in family.options:
+        if args.layout is not None or args.layout_seed is not None:
+            raise UserInputError("--layout/--layout-seed place references on MAGREF's canvas: drop them for a "
+                                 f"{family.name.capitalize()} model")
+        return {}
+    if args.layout_seed is not None and args.layout != "grid":
+        raise UserInputError("--layout-seed shuffles the grid layout (the release layout has no shuffle): add "
+                             "--layout grid or drop --layout-seed")
+    return {"layout": args.layout or "release", "layout_seed": args.layout_seed}
+
+
+def _cases(args, builtin: bool, settings: dict, family):
     """Every case, checked and its outputs claimed (bad batch lines skipped with --keep-going), and the manifest."""
     from kaleido_s2v import batch
 
-    check = dict(max_references=args.max_references, builtin=builtin, overwrite=args.overwrite)
+    check = dict(max_references=args.max_references, builtin=builtin, overwrite=args.overwrite, family=family)
     if args.batch is None:
         if args.prompt is None:
             raise UserInputError("give --prompt TEXT (and --ref IMAGE ...), or --batch FILE")
@@ -90,7 +116,7 @@ def _cases(args, builtin: bool, settings: dict):
     cases, skipped, decoded = [], [], {}
     out_dir = Path(args.out_dir) if args.out_dir else batch.default_out_dir(args.batch)
     entries = batch.batch_cases(args.batch, out_dir, seed=args.seed, negative_prompt=args.negative_prompt,
-                                official_prompt_quirk=args.official_prompt_quirk)
+                                official_prompt_quirk=args.official_prompt_quirk, keyed=family.keyed_batch)
     for entry in entries:
         try:
             if isinstance(entry, UserInputError):
@@ -112,27 +138,33 @@ def run(args: argparse.Namespace) -> int:
     from kaleido_s2v.cli import EXIT_SKIPPED
     from kaleido_s2v.cli.options import parse_device
     from kaleido_s2v.fileio import path_text
-    from kaleido_s2v.model_folder import generation_defaults, resolve_model_folder, size_multiple
-    from kaleido_s2v.release import GENERATION_DEFAULTS
+    from kaleido_s2v.model_folder import KALEIDO, facts, resolve_model_folder, size_multiple
 
     builtin = args.model is None
     if builtin and args.convert:
         raise UserInputError("--convert needs --model DIR (an official release folder)")
-    check_at_least(args.max_references, "--max-references", 1)
     check_seed(args.seed)
+    check_seed(args.layout_seed, "--layout-seed")
     if args.cpu_offload and args.group_offload:
         raise UserInputError("--cpu-offload and --group-offload exclude each other: pick one")
     device = parse_device(args.device)
     if (args.cpu_offload or args.group_offload) and device.type == "cpu":
         raise UserInputError("--cpu-offload/--group-offload move weights to a GPU: they need a CUDA --device")
     model_dir = None if builtin else resolve_model_folder(args.model, "--model", auto_convert=args.convert)
+    family = KALEIDO if builtin else facts(model_dir).family
+    if args.max_references is None:
+        args.max_references = family.max_references
+    check_at_least(args.max_references, "--max-references", 1)
 
-    # 1. Settings (flags > the model's generation_defaults.json > the release's), cases, outputs: all checked
-    defaults = {**GENERATION_DEFAULTS, **(builtin_generation_defaults() if builtin else generation_defaults(model_dir))}
+    # 1. Settings (flags > the model's generation_defaults.json > its family release's), cases, outputs: all checked
+    defaults = ({**family.defaults, **builtin_generation_defaults()} if builtin
+                else facts(model_dir).sampling_defaults)
     flags = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                  guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length, fps=args.fps)
-    settings, fps = batch.resolve_settings(flags, defaults, size_multiple(builtin_model_dir() if builtin else model_dir))
-    cases, skipped, manifest = _cases(args, builtin, settings)
+    settings, fps = batch.resolve_settings(flags, defaults, size_multiple(builtin_model_dir() if builtin else model_dir),
+                                           family.min_frames)
+    settings.update(_family_options(args, family))
+    cases, skipped, manifest = _cases(args, builtin, settings, family)
 
     # 2. Processes, device, model
     from kaleido_s2v.distributed import enable_context_parallel, init_runtime, shutdown
@@ -151,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
         pipe, model_name = load_builtin_pipeline(dtype=dtype), builtin_model_description()
     else:
-        from kaleido_s2v.pipeline import load_pipeline
+        from kaleido_s2v.model_folder import load_pipeline
 
         pipe, model_name = load_pipeline(model_dir, "--model", dtype=dtype), path_text(model_dir.resolve())
     memory = {k: getattr(args, k) for k in MEMORY_FLAGS}

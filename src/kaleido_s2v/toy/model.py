@@ -394,8 +394,7 @@ def generate_cases(model_dir, cases_dir, out_dir, *, steps: int | None = None, g
     """
     from tqdm import tqdm
 
-    from ..model_folder import generation_defaults, resolve_model_folder
-    from ..pipeline import load_pipeline
+    from ..model_folder import generation_defaults, load_pipeline, resolve_model_folder
     from .evaluator import shuffled
     from .world import read_scenes
 

@@ -118,7 +118,8 @@ def _transformer_config(model) -> dict:
     import diffusers
 
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if not k.startswith("_")}
-    return {"_class_name": "KaleidoTransformer3DModel", "_diffusers_version": diffusers.__version__, **cfg}
+    name = type(model).__name__.removeprefix("FSDP")  # fully_shard swaps in a subclass named FSDP<class>
+    return {"_class_name": name, "_diffusers_version": diffusers.__version__, **cfg}
 
 
 def export_final(output: Path, model, cfg: TrainConfig, rt: Runtime, peft_config=None, ema=None) -> Path:

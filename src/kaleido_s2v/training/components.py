@@ -17,12 +17,28 @@ from .parallelize import check_cp_divides
 FROZEN = ("vae", "text_encoder", "tokenizer")
 
 
+def family(cfg: TrainConfig):
+    """The --model folder's `model_folder.Family` (a folder without model_index.json is Kaleido's)."""
+    from ..model_folder import facts
+
+    return facts(cfg.model.path).family
+
+
 def check_model(cfg: TrainConfig, need_transformer: bool = True) -> None:
-    """The --model folder whole (configs parse, weights complete) and the frame size (and CP split) it allows."""
-    from ..model_folder import check_model_folder, size_multiple, vae_stride
+    """The --model folder whole (configs parse, weights complete), the frame size (and CP split) it allows, and the
+    settings its family takes (MAGREF: no R-RoPE variant, no latent cache)."""
+    from ..model_folder import MAGREF, check_model_folder, size_multiple, vae_stride
 
     components = (("transformer",) if need_transformer else ()) + FROZEN
     check_model_folder(cfg.model.path, "--model", components=components, index=False)
+    if family(cfg) is MAGREF:
+        check_model_folder(cfg.model.path, "--model", components=("image_encoder",), index=False)
+        if cfg.model.ref_rope is not None or cfg.model.ref_rope_offset is not None:
+            raise UserInputError("--ref-rope/--ref-rope-offset choose Kaleido's reference RoPE: a MAGREF model has "
+                                 "no reference tokens, drop them")
+        if cfg.data.cache_dir:
+            raise UserInputError("--cache-dir: the latent cache holds Kaleido's per-reference latents, and MAGREF "
+                                 "composes a new canvas every step: train a MAGREF model without it")
     check_frame_size(cfg)
     if cfg.parallel.cp_degree > 1:
         stride = vae_stride(cfg.model.path)
@@ -42,7 +58,8 @@ def check_frame_size(cfg: TrainConfig) -> None:
 
 
 def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
-    """Tokenizer, text encoder and VAE (frozen, eval). The VAE stays fp32."""
+    """Tokenizer, text encoder and VAE (frozen, eval; the VAE stays fp32), and a MAGREF folder's CLIP
+    `image_encoder` (in `dtype`)."""
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
     from transformers.utils import logging as hf_logging
@@ -65,13 +82,20 @@ def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
     text_encoder, vae = text_encoder.to(device).eval(), vae.to(device).eval()
     text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
+    frozen = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
+    if (root / "image_encoder").is_dir():
+        from transformers import CLIPVisionModel
+
+        with loading(root / "image_encoder"):
+            image_encoder = CLIPVisionModel.from_pretrained(root / "image_encoder", dtype=dtype)
+        frozen["image_encoder"] = image_encoder.to(device).eval().requires_grad_(False)
+    return frozen
 
 
 def load_transformer(model_dir, ref_rope: str | None = None, ref_rope_offset: int | None = None):
-    """KaleidoTransformer3DModel (fp32 master weights) from `model_dir/transformer`; Wan2.1 folders load too."""
-    from ..model_folder import loading
-    from ..transformer import KaleidoTransformer3DModel
+    """The family's transformer (fp32 master weights) from `model_dir/transformer`: KaleidoTransformer3DModel
+    (Wan2.1 folders load too), or MAGREF's diffusers WanTransformer3DModel."""
+    from ..model_folder import facts, loading
 
     overrides = {}
     if ref_rope is not None:
@@ -79,9 +103,9 @@ def load_transformer(model_dir, ref_rope: str | None = None, ref_rope_offset: in
     if ref_rope_offset is not None:
         overrides["ref_rope_offset"] = ref_rope_offset
     root = Path(model_dir)
+    cls = facts(root).family.transformer_class()
     with loading(root / "transformer"):
-        return KaleidoTransformer3DModel.from_pretrained(root, subfolder="transformer", dtype=torch.float32,
-                                                         **overrides)
+        return cls.from_pretrained(root, subfolder="transformer", dtype=torch.float32, **overrides)
 
 
 def build_model(cfg: TrainConfig, rt: Runtime):
@@ -91,7 +115,6 @@ def build_model(cfg: TrainConfig, rt: Runtime):
     rank builds the model on the meta device, and `materialize_from_rank0` fills each rank's shards after
     `fully_shard` — so host memory holds one full copy per node's rank 0, not one per process.
     """
-    from ..transformer import KaleidoTransformer3DModel
     from .lora import add_lora
 
     def with_lora(model):
@@ -103,6 +126,7 @@ def build_model(cfg: TrainConfig, rt: Runtime):
         model = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
         return model, with_lora(model), None
     full_state = None
+    cls = family(cfg).transformer_class()
     if rt.is_main:
         loaded = load_transformer(cfg.model.path, cfg.model.ref_rope, cfg.model.ref_rope_offset)
         with_lora(loaded)
@@ -110,13 +134,15 @@ def build_model(cfg: TrainConfig, rt: Runtime):
         config = dict(loaded.config)
         del loaded
     else:
-        config = dict(KaleidoTransformer3DModel.load_config(cfg.model.path, subfolder="transformer"))
+        config = dict(cls.load_config(cfg.model.path, subfolder="transformer"))
         if cfg.model.ref_rope is not None:
             config["ref_rope"] = cfg.model.ref_rope
         if cfg.model.ref_rope_offset is not None:
             config["ref_rope_offset"] = cfg.model.ref_rope_offset
-    with torch.device("meta"):
-        model = KaleidoTransformer3DModel.from_config(config)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers real (see materialize_from_rank0)
+        model = cls.from_config(config)
     return model, with_lora(model), full_state
 
 
@@ -135,10 +161,17 @@ def rms_norm_in_fp32(model) -> None:
 
 
 def materialize_from_rank0(model, full_state: dict | None, device) -> None:
-    """Allocate the (sharded, meta) parameters on `device` and broadcast rank 0's weights into them."""
+    """Allocate the (sharded, meta) parameters on `device` and broadcast rank 0's weights into them.
+
+    Buffers are kept as the constructor computed them: non-persistent ones (diffusers Wan's RoPE tables) are in no
+    state dict, and `to_empty` would leave them uninitialised."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
     model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in buffers.items():
+            model.get_buffer(name).copy_(b)
     set_model_state_dict(
         model, full_state or {}, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     )

@@ -3,6 +3,8 @@
 σ₀ = sigmoid(n), n ~ N(0, 1) (logit-normal); resolution shift μ(n_img) = 0.5 + 0.65·(n_img − 256)/3840 with
 n_img = (latent h / 2)·(latent w / 2); σ = e^μ·σ₀ / (1 + (e^μ − 1)·σ₀); x_σ = (1 − σ)·x₀ + σ·ε; the model
 sees 1000·σ and predicts ε − x₀; loss = MSE over the video latents (references are clean and not scored).
+MAGREF (whose training recipe is not released) is trained with the same objective; its clean conditioning is
+channel-concatenated to x_σ (`condition`, y) and its CLIP features go in as `encoder_hidden_states_image`.
 """
 
 from __future__ import annotations
@@ -58,17 +60,27 @@ def flow_matching_loss(
     noise: torch.Tensor,
     sigma: torch.Tensor,
     text: torch.Tensor,
-    references: list[torch.Tensor] | None,
+    references: list[torch.Tensor] | None = None,
+    *,
+    condition: torch.Tensor | None = None,
+    image_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over all video-latent elements of (v̂ − (ε − x₀))². x0/noise (B, C, T, H, W); sigma (B,)."""
+    """Mean over all video-latent elements of (v̂ − (ε − x₀))². x0/noise (B, C, T, H, W); sigma (B,).
+
+    Kaleido: `references` (clean latent frames, as reference tokens). MAGREF: `condition` (B, 20, T, H, W) and
+    `image_embeds` (B, tokens, D)."""
     x0, noise = x0.float(), noise.float().to(x0.device)
     sigma = sigma.float().to(x0.device)
     x_t = add_noise(x0, noise, sigma)
+    if condition is not None:
+        inputs = dict(hidden_states=torch.cat([x_t, condition.to(x_t.dtype)], dim=1),
+                      encoder_hidden_states_image=image_embeds)
+    else:
+        inputs = dict(hidden_states=x_t, reference_latents=references or None)
     pred = transformer(
-        hidden_states=x_t,
+        **inputs,
         timestep=1000.0 * sigma,
         encoder_hidden_states=text,
-        reference_latents=references or None,
         return_dict=False,
     )[0]
     return F.mse_loss(pred.float(), flow_target(x0, noise))

@@ -51,7 +51,8 @@ MADE_BY = "kaleido-s2v train"  # the marker of a run folder (--output)
 
 @torch.no_grad()
 def encode_batch(items: list[dict], frozen: dict, cfg: TrainConfig, device) -> list[dict]:
-    """Pixels/captions/reference images -> latents, text states and one latent frame per reference."""
+    """Pixels/captions/reference images -> latents, text states and one latent frame per reference (Kaleido),
+    or the canvas conditioning `condition` and `image_embeds` (MAGREF: a folder with an image encoder)."""
     from ..latents import encode_references, encode_video
     from ..text import encode_text
 
@@ -61,9 +62,17 @@ def encode_batch(items: list[dict], frozen: dict, cfg: TrainConfig, device) -> l
     d = cfg.data
     text = encode_text(frozen["tokenizer"], frozen["text_encoder"], [it["caption"] for it in items],
                        max_sequence_length=d.max_sequence_length, device=device, dtype=torch.float32)
+    canvas = "image_encoder" in frozen
+    if canvas:
+        from .canvas import encode_canvases
+
+        conditions = encode_canvases(items, frozen, d.height, d.width, d.num_frames, device)
     out = []
     for i, it in enumerate(items):
         latents = encode_video(frozen["vae"], it["pixels"][None].to(device))[0].float()
+        if canvas:
+            out.append(dict(latents=latents, text=text[i], ref_latents=[], slot=it["slot"], **conditions[i]))
+            continue
         refs = [r[0].float() for r in encode_references(frozen["vae"], it["references"], d.height, d.width)]
         out.append(dict(latents=latents, text=text[i], ref_latents=refs, slot=it["slot"]))
     return out
@@ -99,9 +108,14 @@ def batch_loss(transformer, groups: list[list[dict]], shift: float, device) -> t
             sigmas.append(sigma)
         x0 = torch.stack([e["latents"] for e in members])
         text = torch.stack([e["text"] for e in members])
-        refs = [torch.stack([e["ref_latents"][j] for e in members]) for j in range(len(members[0]["ref_latents"]))]
+        if "condition" in members[0]:  # MAGREF: the canvas, channel-concatenated, and its CLIP features
+            extra = dict(condition=torch.stack([e["condition"] for e in members]),
+                         image_embeds=torch.stack([e["image_embeds"] for e in members]))
+        else:
+            extra = dict(references=[torch.stack([e["ref_latents"][j] for e in members])
+                                     for j in range(len(members[0]["ref_latents"]))])
         loss = flow_matching_loss(transformer, x0, torch.stack(noises).to(device), torch.stack(sigmas).to(device),
-                                  text, refs)
+                                  text, **extra)
         total, count = total + loss * len(members), count + len(members)
     return total / count
 
