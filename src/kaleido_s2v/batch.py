@@ -302,6 +302,33 @@ def apply_memory_options(pipe, device, *, cpu_offload=False, group_offload=False
         pipe.to(device)
 
 
+def cases_of_rank(cases: list[Case], runtime=None, split: bool = False) -> list[Case]:
+    """The cases this rank generates: all of them, or its share with `split` (`--split-cases`)."""
+    rt = runtime
+    return cases[rt.rank :: rt.world_size] if split and rt is not None else cases
+
+
+def _encoded_text(case: Case) -> str:
+    return case.encoded_prompt or case.prompt
+
+
+def encode_prompts(tokenizer, text_encoder, cases: list[Case], settings: dict, negative_prompt: str | None
+                   ) -> dict[str, Any]:
+    """Every distinct prompt of `cases` (and, under CFG, every distinct negative prompt) encoded once ->
+    {text: (1, max_sequence_length, D) on the CPU}, for `generate_cases(embeddings=...)`: the text encoder can
+    then be freed before the transformer loads (or run on the CPU), and a batch encodes each text once."""
+    import torch
+
+    from .text import encode_text
+
+    texts = {_encoded_text(c): None for c in cases}
+    if settings["guidance_scale"] > 1.0:
+        texts.update({(negative_prompt if c.negative_prompt is None else c.negative_prompt): None for c in cases})
+    with torch.no_grad():
+        return {text: encode_text(tokenizer, text_encoder, [text], settings["max_sequence_length"], "cpu")
+                for text in texts}
+
+
 def _broadcast_seed(seed: int, device) -> int:
     """Rank 0's seed, so a random seed is the same on every rank of a context-parallel run (any 64-bit seed)."""
     import torch.distributed as dist
@@ -313,11 +340,12 @@ def _broadcast_seed(seed: int, device) -> int:
 
 def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime=None, split: bool = False,
                    negative_prompt: str | None = None, max_references: int | None = None, record: dict | None = None,
-                   model: str = "", manifest: Path | None = None, progress: bool = True, announce: bool = False
-                   ) -> list[dict]:
+                   model: str = "", manifest: Path | None = None, progress: bool = True, announce: bool = False,
+                   embeddings: dict | None = None) -> list[dict]:
     """Generate every case (`split`: this rank's share of them) and write video + sidecar; returns one summary
     per video written here. `record`: more settings for the sidecars (memory flags, dtype, ...); `manifest`: where
-    rank 0 lists every video of the run."""
+    rank 0 lists every video of the run; `embeddings`: the cases' texts already encoded (`encode_prompts`), for a
+    pipeline without its text encoder."""
     import torch
     from tqdm.auto import tqdm
 
@@ -329,7 +357,7 @@ def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime
     rt = runtime or Runtime()
     sharded = rt.distributed and not split
     writes = split or rt.is_main
-    mine = cases[rt.rank :: rt.world_size] if split else cases
+    mine = cases_of_rank(cases, rt, split)
     versions = library_versions()
     results = []
     for case in tqdm(mine, desc="videos", unit="video", disable=not progress or len(mine) < 2):
@@ -337,11 +365,15 @@ def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime
         if sharded:
             seed = _broadcast_seed(seed, rt.device)
         negative = negative_prompt if case.negative_prompt is None else case.negative_prompt
+        if embeddings is None:
+            text = dict(prompt=_encoded_text(case), negative_prompt=negative)
+        else:  # encoded before the transformer loaded (`encode_prompts`)
+            text = dict(prompt_embeds=embeddings[_encoded_text(case)],
+                        negative_prompt_embeds=embeddings.get(negative) if settings["guidance_scale"] > 1.0 else None)
         start = time.perf_counter()
         frames = pipe(
-            prompt=case.encoded_prompt or case.prompt,
             reference_images=case.images or case.references,
-            negative_prompt=negative,
+            **text,
             generator=torch.Generator("cpu").manual_seed(seed),
             output_type="np",
             max_references=max_references or MAX_REFERENCES,

@@ -266,6 +266,22 @@ def load_pipeline(root, flag: str = "--model", **kwargs):
         return cls.from_pretrained(root, **kwargs)
 
 
+def load_text_encoder(root, flag: str = "--model", device="cpu", dtype=None):
+    """(tokenizer, text encoder) of a checked folder, the classes its model_index.json names (transformers'),
+    frozen, on `device`: to encode prompts before (or without) the rest of the pipeline."""
+    import transformers
+
+    root = Path(root)
+    entries = _config(root / "model_index.json")
+    classes = {name: getattr(transformers, (entries.get(name) or [None, None])[1] or default)
+               for name, default in (("tokenizer", "AutoTokenizer"), ("text_encoder", "UMT5EncoderModel"))}
+    with loading(root / "tokenizer", flag):
+        tokenizer = classes["tokenizer"].from_pretrained(root / "tokenizer")
+    with loading(root / "text_encoder", flag):
+        text_encoder = classes["text_encoder"].from_pretrained(root / "text_encoder", **({"dtype": dtype} if dtype else {}))
+    return tokenizer, text_encoder.to(device).eval().requires_grad_(False)
+
+
 @contextlib.contextmanager
 def loading(folder: Path, flag: str = "--model") -> Iterator[None]:
     """A loader's error on a checked folder (e.g. a config that parses but does not fit the class): one line."""

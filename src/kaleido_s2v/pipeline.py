@@ -118,6 +118,75 @@ class WanSamplingMixin:
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
 
+    default_negative_prompt = KALEIDO_NEGATIVE_PROMPT  # the family release's; MagrefPipeline overrides it
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int = GENERATION_DEFAULTS["max_sequence_length"],
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt_embeds, negative_prompt_embeds), each (B·num_videos_per_prompt, max_sequence_length, D), as
+        `WanPipeline.encode_prompt`: embeddings given are used as they are (the text encoder is not needed for
+        them), the others encoded with Wan's prompt cleaning and zero rows after each prompt
+        (`kaleido_s2v.text.encode_text`). The negative prompt defaults to the family release's."""
+        device = device or self._execution_device
+
+        def encode(texts: list[str], name: str) -> torch.Tensor:
+            if getattr(self, "text_encoder", None) is None or getattr(self, "tokenizer", None) is None:
+                raise ValueError(f"`{name}` must be given: this pipeline has no text encoder (it was loaded with "
+                                 "text_encoder=None) to encode the text")
+            embeds = encode_text(self.tokenizer, self.text_encoder, texts, max_sequence_length, device, dtype)
+            return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
+
+        if prompt_embeds is None:
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds = encode(prompt, "prompt_embeds")
+        else:
+            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype or prompt_embeds.dtype)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        if negative_prompt_embeds is None:
+            count = prompt_embeds.shape[0] // num_videos_per_prompt
+            negative_prompt = self.default_negative_prompt if negative_prompt is None else negative_prompt
+            negative_prompt = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negative_prompt) != count:
+                raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but there are {count} prompts: "
+                                 "give one negative prompt or one per prompt")
+            negative_prompt_embeds = encode(negative_prompt, "negative_prompt_embeds")
+        else:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype or negative_prompt_embeds.dtype)
+        return prompt_embeds, negative_prompt_embeds
+
+    def check_prompt_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds) -> int:
+        """WanPipeline's rules for text and precomputed embeddings; returns the batch size (prompts, not videos)."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Cannot forward both `prompt` and `prompt_embeds`: give one of them")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds`")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Cannot forward both `negative_prompt` and `negative_prompt_embeds`: give one of them")
+        text_dim = self.transformer.config.text_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (not torch.is_tensor(embeds) or embeds.ndim != 3 or embeds.shape[-1] != text_dim):
+                shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+                raise ValueError(f"`{name}` must be a (batch, tokens, {text_dim}) tensor (the transformer's text_dim), "
+                                 f"got {shape}")
+        if prompt_embeds is not None and negative_prompt_embeds is not None and (
+            prompt_embeds.shape != negative_prompt_embeds.shape
+        ):
+            raise ValueError(f"`prompt_embeds` {tuple(prompt_embeds.shape)} and `negative_prompt_embeds` "
+                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+        if prompt_embeds is not None:
+            return prompt_embeds.shape[0]
+        return len(prompt) if isinstance(prompt, list) else 1
+
     def check_call_options(self, callback_on_step_end_tensor_inputs=None, output_type: str = "np") -> None:
         unknown = [k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs]
         if unknown:
@@ -224,69 +293,42 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
                                         components=None)
         return super().from_pretrained(path, **kwargs)
 
-    # ------------------------------------------------------------------ text
-    def encode_prompt(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] | None = None,
-        do_classifier_free_guidance: bool = True,
-        num_videos_per_prompt: int = 1,
-        max_sequence_length: int = GENERATION_DEFAULTS["max_sequence_length"],
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prompt_embeds, negative_prompt_embeds), each (B·num_videos_per_prompt, max_sequence_length, D).
-
-        Wan's prompt cleaning and zero rows after each prompt (`kaleido_s2v.text.encode_text`). The negative
-        prompt defaults to the release's (`KALEIDO_NEGATIVE_PROMPT`).
-        """
-        device = device or self._execution_device
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-
-        def encode(texts: list[str]) -> torch.Tensor:
-            embeds = encode_text(self.tokenizer, self.text_encoder, texts, max_sequence_length, device, dtype)
-            return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
-
-        prompt_embeds = encode(prompt)
-        negative_prompt_embeds = None
-        if do_classifier_free_guidance:
-            negative_prompt = KALEIDO_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-            negative_prompt = [negative_prompt] * len(prompt) if isinstance(negative_prompt, str) else negative_prompt
-            if len(negative_prompt) != len(prompt):
-                raise ValueError(
-                    f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {len(prompt)}: give one "
-                    "negative prompt or one per prompt"
-                )
-            negative_prompt_embeds = encode(list(negative_prompt))
-        return prompt_embeds, negative_prompt_embeds
-
     # ------------------------------------------------------------------ references
     @torch.no_grad()
     def encode_references(
         self,
-        reference_images: list[list[ReferenceImage]],
-        height: int,
-        width: int,
+        reference_images: ReferenceImage | Sequence[ReferenceImage] | Sequence[Sequence[ReferenceImage]],
+        height: int = GENERATION_DEFAULTS["height"],
+        width: int = GENERATION_DEFAULTS["width"],
         num_videos_per_prompt: int = 1,
-        shared: bool = True,
+        batch_size: int = 1,
     ) -> torch.Tensor | None:
-        """Fit, pad and VAE-encode every reference ALONE (one encode per image) -> (B', z, N, h, w) or None.
+        """Fit, pad and VAE-encode every reference ALONE (one encode per image) -> (B', z, N, h, w), or None for
+        no references; pass it back as `reference_latents` to reuse it across seeds and prompts.
 
-        B' is 1 when all prompts share the same references (the transformer broadcasts it), else
-        B·num_videos_per_prompt (`shared=False`: one list per prompt).
+        `reference_images` as `__call__` takes them; B' is 1 when all `batch_size` prompts share the references
+        (the transformer broadcasts it), else batch_size·num_videos_per_prompt (one list per prompt).
         """
-        if not reference_images or not reference_images[0]:
+        per_prompt, shared = group_references(reference_images, batch_size)
+        if not per_prompt or not per_prompt[0]:
             return None
-        per_prompt = reference_images[:1] if shared else reference_images
         latents = torch.stack(
-            [
-                torch.cat(encode_references(self.vae, refs, height, width), dim=2)[0]
-                for refs in per_prompt
-            ]
+            [torch.cat(encode_references(self.vae, refs, height, width), dim=2)[0]
+             for refs in (per_prompt[:1] if shared else per_prompt)]
         )  # (B or 1, z, N, h, w)
-        if not shared:
-            latents = latents.repeat_interleave(num_videos_per_prompt, dim=0)
-        return latents
+        return latents if shared else latents.repeat_interleave(num_videos_per_prompt, dim=0)
+
+    def check_reference_latents(self, reference_latents, height: int, width: int, videos: int) -> None:
+        """`reference_latents` from `encode_references` for this call's size and batch."""
+        h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+        z = self.transformer.config.in_channels
+        if not torch.is_tensor(reference_latents) or reference_latents.ndim != 5 or (
+            reference_latents.shape[1], *reference_latents.shape[3:]) != (z, h, w
+        ) or reference_latents.shape[0] not in (1, videos):
+            shape = tuple(reference_latents.shape) if torch.is_tensor(reference_latents) else type(
+                reference_latents).__name__
+            raise ValueError(f"`reference_latents` must be (1 or {videos}, {z}, references, {h}, {w}) as "
+                             f"`encode_references` returns for {height}x{width}, got {shape}")
 
     # ------------------------------------------------------------------ checks & latents
     def check_inputs(
@@ -302,8 +344,9 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
     ) -> None:
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         check_sizes(height, width, num_inference_steps, multiple)
-        check_request(prompt, negative_prompt, len(reference_lists[0]) if reference_lists else 0, max_references)
         num_refs = len(reference_lists[0]) if reference_lists else 0
+        # with prompt_embeds there is no text to check: "x" stands in for it
+        check_request("x" if prompt is None else prompt, negative_prompt, num_refs, max_references)
         if num_refs > TRAINED_REFERENCES:
             logger.warning(
                 f"{num_refs} references given; the model was trained with at most {TRAINED_REFERENCES}, so quality "
@@ -348,12 +391,15 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         num_videos_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_sequence_length: int = GENERATION_DEFAULTS["max_sequence_length"],
         *,
+        reference_latents: torch.Tensor | None = None,
         max_references: int = MAX_REFERENCES,
         official_prompt_with_paths: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
@@ -373,6 +419,11 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
             guidance_scale: CFG scale; both branches see the same references (text-only guidance).
             num_videos_per_prompt, generator, latents, callback_on_step_end, callback_on_step_end_tensor_inputs,
                 max_sequence_length, attention_kwargs: as in `WanPipeline`.
+            prompt_embeds, negative_prompt_embeds: precomputed text states (B, max_sequence_length, text_dim) from
+                `encode_prompt`, instead of `prompt` / `negative_prompt`, as in `WanPipeline`; with both given (or
+                guidance off) the pipeline needs no text encoder (`text_encoder=None`).
+            reference_latents: precomputed reference latents from `encode_references`, instead of
+                `reference_images` (encode once, reuse across seeds and prompts).
             output_type: "np" (B, F, H, W, 3) floats in [0, 1], "pt", "pil" or "latent".
             max_references: more references than this raise `ValueError` (more than 3 warns).
             official_prompt_with_paths: encode `prompt@@path1@@path2` instead of the caption, reproducing the
@@ -385,8 +436,12 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs. Raise error if not correct
-        batch_size = len(prompt) if isinstance(prompt, list) else 1
-        reference_lists, shared_references = group_references(reference_images, batch_size)
+        batch_size = self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if reference_latents is not None and reference_images is not None:
+            raise ValueError("Cannot forward both `reference_images` and `reference_latents`: give one of them")
+        if prompt_embeds is not None and official_prompt_with_paths:
+            raise ValueError("`official_prompt_with_paths` encodes the prompt text: it cannot apply to `prompt_embeds`")
+        reference_lists, _ = group_references(reference_images, batch_size)
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -413,8 +468,9 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         device = self._execution_device
 
         # 2. Define call parameters
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = prompt
         if official_prompt_with_paths:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             for refs in reference_lists:
                 if not all(isinstance(r, (str, os.PathLike)) for r in refs):
                     raise ValueError("`official_prompt_with_paths=True` needs `reference_images` given as paths")
@@ -427,15 +483,19 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
             negative_prompt=negative_prompt,
             do_classifier_free_guidance=self.do_classifier_free_guidance,
             num_videos_per_prompt=num_videos_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
             max_sequence_length=max_sequence_length,
             device=device,
             dtype=transformer_dtype,
         )
 
         # 4. Encode references: one VAE encode per image; the SAME latents go to both CFG branches
-        reference_latents = self.encode_references(
-            reference_lists, height, width, num_videos_per_prompt, shared_references
-        )
+        if reference_latents is None:
+            reference_latents = self.encode_references(reference_images, height, width, num_videos_per_prompt,
+                                                       batch_size)
+        else:
+            self.check_reference_latents(reference_latents, height, width, batch_size * num_videos_per_prompt)
         if reference_latents is not None:
             reference_latents = reference_latents.to(device=device, dtype=transformer_dtype)
         else:

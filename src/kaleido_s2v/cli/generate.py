@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--group-offload", action="store_true", help="block-level group offload (lowest GPU memory)")
     d.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles")
     d.add_argument("--layerwise-fp8", action="store_true", help="store transformer weights in fp8, compute in bf16")
+    d.add_argument("--text-encoder-device", choices=("gpu", "cpu"), default="gpu",
+                   help="where the prompts are encoded before the transformer loads: gpu (the --device; the text "
+                   "encoder is freed afterwards) or cpu (as the releases' --t5_cpu)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_quiet(parser)
 
@@ -132,6 +135,25 @@ def _cases(args, builtin: bool, settings: dict, family):
     return cases, skipped, batch.claim_manifest(out_dir, args.overwrite)
 
 
+def _encode_prompts(folder, cases, settings: dict, negative_prompt: str, device, dtype) -> dict:
+    """The cases' texts encoded with the folder's text encoder on `device`, which is then freed (umT5-xxl is 11 GB
+    in bf16: off the GPU before the transformer loads, as the releases' `--t5_cpu` and diffusers' recipe)."""
+    import gc
+
+    import torch
+
+    from kaleido_s2v import batch
+    from kaleido_s2v.model_folder import load_text_encoder
+
+    tokenizer, text_encoder = load_text_encoder(folder, "--model", device, dtype)
+    embeddings = batch.encode_prompts(tokenizer, text_encoder, cases, settings, negative_prompt)
+    del tokenizer, text_encoder
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return embeddings
+
+
 def run(args: argparse.Namespace) -> int:
     from kaleido_s2v import batch
     from kaleido_s2v.builtin import builtin_generation_defaults, builtin_model_description, builtin_model_dir
@@ -178,14 +200,24 @@ def run(args: argparse.Namespace) -> int:
 
         hide_library_progress()
     dtype = resolve_dtype(args.dtype, rt.device)
-    if builtin:
+    folder = builtin_model_dir() if builtin else model_dir
+    embeddings, text_device = None, "pipeline"
+    if folder is not None:  # the prompts first (each distinct text once), then the text encoder is freed
+        import torch
+
+        text_device = torch.device("cpu") if args.text_encoder_device == "cpu" else rt.device
+        embeddings = _encode_prompts(folder, batch.cases_of_rank(cases, rt, split), settings,
+                                     defaults["negative_prompt"], text_device, dtype)
+    if folder is None:  # no shipped weights: the random stand-in, with its own text encoder
         from kaleido_s2v.builtin import load_builtin_pipeline
 
-        pipe, model_name = load_builtin_pipeline(dtype=dtype), builtin_model_description()
+        pipe = load_builtin_pipeline(dtype=dtype)
     else:
         from kaleido_s2v.model_folder import load_pipeline
 
-        pipe, model_name = load_pipeline(model_dir, "--model", dtype=dtype), path_text(model_dir.resolve())
+        pipe = load_pipeline(folder, "the built-in model" if builtin else "--model", dtype=dtype, text_encoder=None,
+                             tokenizer=None)
+    model_name = builtin_model_description() if builtin else path_text(model_dir.resolve())
     memory = {k: getattr(args, k) for k in MEMORY_FLAGS}
     batch.apply_memory_options(pipe, rt.device, **memory)
     if not split:
@@ -194,13 +226,13 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. Generate
     record = {"dtype": str(dtype).removeprefix("torch."), "device": str(rt.device),
-              "max_references": args.max_references, **memory}
+              "text_encoder_device": str(text_device), "max_references": args.max_references, **memory}
     ok = False
     try:
         results = batch.generate_cases(pipe, cases, settings, fps=fps, runtime=rt, split=split,
                                        negative_prompt=defaults["negative_prompt"], max_references=args.max_references,
                                        record=record, model=model_name, manifest=manifest, progress=progress,
-                                       announce=not args.json)
+                                       announce=not args.json, embeddings=embeddings)
         ok = True
     finally:
         shutdown(barrier=ok)

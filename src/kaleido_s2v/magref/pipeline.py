@@ -26,7 +26,6 @@ from PIL import Image
 from ..latents import denormalize_latents
 from ..pipeline import KaleidoPipelineOutput, WanSamplingMixin, check_request, check_sizes
 from ..references import ReferenceImage, group_references
-from ..text import encode_text
 from .canvas import assign_blocks, compose_references, latent_mask
 from .conditioning import canvas_condition, canvas_tensor, clip_features
 from .release import (
@@ -84,25 +83,7 @@ class MagrefPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         return super().from_pretrained(path, **kwargs)
 
     # ------------------------------------------------------------------ conditioning
-    def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance: bool = True,
-                      num_videos_per_prompt: int = 1, max_sequence_length: int = 512, device=None, dtype=None):
-        """(prompt_embeds, negative_prompt_embeds): Wan's umT5 encoding; the negative prompt defaults to MAGREF's."""
-        device = device or self._execution_device
-        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
-
-        def encode(texts: list[str]) -> torch.Tensor:
-            embeds = encode_text(self.tokenizer, self.text_encoder, texts, max_sequence_length, device, dtype)
-            return embeds.repeat_interleave(num_videos_per_prompt, dim=0)
-
-        negative_prompt_embeds = None
-        if do_classifier_free_guidance:
-            negative_prompt = MAGREF_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-            negative_prompt = [negative_prompt] * len(prompt) if isinstance(negative_prompt, str) else negative_prompt
-            if len(negative_prompt) != len(prompt):
-                raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has "
-                                 f"{len(prompt)}: give one negative prompt or one per prompt")
-            negative_prompt_embeds = encode(list(negative_prompt))
-        return encode(prompt), negative_prompt_embeds
+    default_negative_prompt = MAGREF_NEGATIVE_PROMPT  # `encode_prompt` (WanSamplingMixin) uses it
 
     def encode_image(self, canvas: torch.Tensor, device=None) -> torch.Tensor:
         """CLIP features of canvases (B, 3, H, W) in [−1, 1] (`conditioning.clip_features`)."""
@@ -118,18 +99,54 @@ class MagrefPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         canvas, mask = compose_references(references, layout, layout_seed, height, width)
         return canvas, latent_mask(mask, self.vae_scale_factor_spatial)
 
+    @torch.no_grad()
+    def encode_canvas(self, reference_images, height: int = GENERATION_DEFAULTS["height"],
+                      width: int = GENERATION_DEFAULTS["width"], num_frames: int = GENERATION_DEFAULTS["num_frames"],
+                      layout: str = "release", layout_seed: int | None = None, batch_size: int = 1,
+                      device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image_embeds (B, tokens, D), condition y (B, 20, T, h, w)) of the references' canvases, one per prompt
+        (`reference_images` as `__call__` takes them); pass them back to reuse them across seeds and prompts."""
+        per_prompt, _ = group_references(reference_images, batch_size)
+        composed = [self.compose(refs, height, width, layout, layout_seed) for refs in per_prompt]
+        canvases = torch.stack([canvas_tensor(c) for c, _ in composed])
+        image_embeds = self.encode_image(canvases).to(device=device, dtype=dtype)
+        condition = self.prepare_condition(canvases, torch.stack([m for _, m in composed]), num_frames)
+        return image_embeds, condition.to(device=device, dtype=dtype)
+
+    def check_canvas_inputs(self, image_embeds, condition, height: int, width: int, num_frames: int,
+                            batch_size: int) -> None:
+        """Precomputed `image_embeds` and `condition` (from `encode_canvas`) for this call's size and batch."""
+        if (image_embeds is None) != (condition is None):
+            raise ValueError("give both `image_embeds` and `condition` (as `encode_canvas` returns them), or neither")
+        h, w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+        t = (num_frames - 1) // self.vae_scale_factor_temporal + 1
+        want = (batch_size, self.transformer.config.in_channels - self.transformer.config.out_channels, t, h, w)
+        if not torch.is_tensor(condition) or tuple(condition.shape) != want:
+            got = tuple(condition.shape) if torch.is_tensor(condition) else type(condition).__name__
+            raise ValueError(f"`condition` must be {want} for {batch_size} prompt(s) at {height}x{width}, {num_frames} "
+                             f"frames, as `encode_canvas` returns it; got {got}")
+        dim = self.transformer.config.image_dim
+        if not torch.is_tensor(image_embeds) or image_embeds.ndim != 3 or image_embeds.shape[0] != batch_size or (
+            image_embeds.shape[-1] != dim
+        ):
+            got = tuple(image_embeds.shape) if torch.is_tensor(image_embeds) else type(image_embeds).__name__
+            raise ValueError(f"`image_embeds` must be ({batch_size}, tokens, {dim}) as `encode_canvas` returns it; "
+                             f"got {got}")
+
     # ------------------------------------------------------------------ checks & schedule
     def check_inputs(self, prompt, negative_prompt, reference_lists_, height, width, num_frames, num_inference_steps,
-                     max_references, layout, callback_on_step_end_tensor_inputs=None) -> None:
+                     max_references, layout, callback_on_step_end_tensor_inputs=None, precomputed: bool = False) -> None:
         check_sizes(height, width, num_inference_steps, self.vae_scale_factor_spatial * self.transformer.config.patch_size[1])
         num_refs = len(reference_lists_[0]) if reference_lists_ else 0
-        check_request(prompt, negative_prompt, num_refs, max_references, note=REFERENCE_NOTE)
-        if num_refs == 0:
-            raise ValueError("`reference_images`: MAGREF needs at least one reference image")
+        # with prompt_embeds there is no text to check: "x" stands in for it
+        check_request("x" if prompt is None else prompt, negative_prompt, num_refs, max_references, note=REFERENCE_NOTE)
+        if num_refs == 0 and not precomputed:
+            raise ValueError("`reference_images`: MAGREF needs at least one reference image (or `image_embeds` and "
+                             "`condition` from `encode_canvas`)")
         if num_frames < MIN_FRAMES or (num_frames - 1) % self.vae_scale_factor_temporal:
             raise ValueError(f"`num_frames` {num_frames}: must be 4k+1 and more than {DROP_FRAMES} (the first "
                              f"{DROP_FRAMES} decoded frames are dropped; the release uses 81)")
-        used = len(assign_blocks(num_refs, layout, None, height, width))
+        used = len(assign_blocks(num_refs, layout, None, height, width)) if num_refs else 0
         if used < num_refs:
             logger.warning(f"layout {layout!r} places {used} of the {num_refs} references; the rest are dropped "
                            "(layout='grid' holds up to 8)")
@@ -169,6 +186,10 @@ class MagrefPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         max_sequence_length: int = GENERATION_DEFAULTS["max_sequence_length"],
         *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
         max_references: int = MAX_REFERENCES,
         attention_kwargs: dict[str, Any] | None = None,
@@ -191,6 +212,10 @@ class MagrefPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
                 attention_kwargs: as in `WanImageToVideoPipeline`. Noise is `randn((B, 16, T, H/8, W/8))`.
             output_type: "np" (B, F − 4, H, W, 3) floats in [0, 1], "pt", "pil", or "latent" (before decoding).
             max_references: more references than this raise (default 8, the grid's largest).
+            prompt_embeds, negative_prompt_embeds: precomputed text states from `encode_prompt` instead of the text
+                (as in `WanPipeline`; with both, or guidance off, no text encoder is needed).
+            image_embeds, condition: the canvas's CLIP features and y from `encode_canvas`, instead of
+                `reference_images` (both or neither).
 
         Returns:
             `MagrefPipelineOutput` with `.frames`, or `(frames,)` when `return_dict=False`.
@@ -199,10 +224,15 @@ class MagrefPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
         # 1. Check inputs
-        batch_size = len(prompt) if isinstance(prompt, list) else 1
+        batch_size = self.check_prompt_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        precomputed = image_embeds is not None or condition is not None
+        if precomputed and reference_images is not None:
+            raise ValueError("Cannot forward both `reference_images` and `image_embeds`/`condition`: give one")
         per_prompt, _ = group_references(reference_images, batch_size)
         self.check_inputs(prompt, negative_prompt, per_prompt, height, width, num_frames, num_inference_steps,
-                          max_references, layout, callback_on_step_end_tensor_inputs)
+                          max_references, layout, callback_on_step_end_tensor_inputs, precomputed)
+        if precomputed:
+            self.check_canvas_inputs(image_embeds, condition, height, width, num_frames, batch_size)
         self.check_call_options(output_type=output_type)
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
@@ -213,15 +243,16 @@ class MagrefPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         # 2. Text
         transformer_dtype = self.transformer.dtype
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, self.do_classifier_free_guidance, 1, max_sequence_length, device,
-            transformer_dtype,
+            prompt, negative_prompt, self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, max_sequence_length=max_sequence_length, device=device,
+            dtype=transformer_dtype,
         )
 
         # 3. The canvas of each prompt: CLIP features and y = cat(mask4, latent16), shared by both CFG branches
-        composed = [self.compose(refs, height, width, layout, layout_seed) for refs in per_prompt]
-        canvases = torch.stack([canvas_tensor(c) for c, _ in composed])
-        image_embeds = self.encode_image(canvases).to(device=device, dtype=transformer_dtype)
-        condition = self.prepare_condition(canvases, torch.stack([m for _, m in composed]), num_frames)
+        if not precomputed:
+            image_embeds, condition = self.encode_canvas(reference_images, height, width, num_frames, layout,
+                                                         layout_seed, batch_size)
+        image_embeds = image_embeds.to(device=device, dtype=transformer_dtype)
         condition = condition.to(device=device, dtype=transformer_dtype)
 
         # 4. Timesteps (the release's grid) and noise (fp32; CFG and UniPC updates run in fp32)

@@ -61,27 +61,21 @@ def load_frozen_components(model_dir, device, dtype=torch.float32) -> dict:
     """Tokenizer, text encoder and VAE (frozen, eval; the VAE stays fp32), and a MAGREF folder's CLIP
     `image_encoder` (in `dtype`)."""
     from diffusers import AutoencoderKLWan
-    from transformers import AutoTokenizer, UMT5EncoderModel
     from transformers.utils import logging as hf_logging
 
-    from ..model_folder import loading
+    from ..model_folder import load_text_encoder, loading
 
     root = Path(model_dir)
-    with loading(root / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its "Loading weights" bar: a run shows the training bar only
     try:
-        with loading(root / "text_encoder"):
-            text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", dtype=dtype)
+        tokenizer, text_encoder = load_text_encoder(root, "--model", device, dtype)
     finally:
         if bar:
             hf_logging.enable_progress_bar()
     with loading(root / "vae"):
         vae = AutoencoderKLWan.from_pretrained(root, subfolder="vae", dtype=torch.float32)
-    text_encoder, vae = text_encoder.to(device).eval(), vae.to(device).eval()
-    text_encoder.requires_grad_(False)
-    vae.requires_grad_(False)
+    vae = vae.to(device).eval().requires_grad_(False)
     frozen = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae)
     if (root / "image_encoder").is_dir():
         from transformers import CLIPVisionModel
