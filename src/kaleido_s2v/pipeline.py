@@ -354,8 +354,10 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
             )
         self.check_call_options(callback_on_step_end_tensor_inputs)
 
-    def set_official_timesteps(self, num_inference_steps: int, device: torch.device | None = None) -> torch.Tensor:
-        """Put the scheduler on the official grid `release.official_sigmas` (timesteps 1000·σ_k, k < n).
+    def set_official_timesteps(self, num_inference_steps: int, device: torch.device | None = None,
+                               shift: float = SHIFT) -> torch.Tensor:
+        """Put the scheduler on the official grid `release.official_sigmas` (timesteps 1000·σ_k, k < n); `shift`
+        other than the release's 7 gives the same formula with that shift (5: the distillation LoRAs' grid).
 
         A loaded scheduler whose config would give another grid (another shift, dynamic shifting, Karras sigmas,
         ...) is replaced by a corrected copy. The grid is handed over already shifted (the scheduler's own shift
@@ -371,7 +373,8 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
             self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, **_OFFICIAL_SCHEDULER_CONFIG)
         self.scheduler.set_shift(1.0)
         try:
-            self.scheduler.set_timesteps(sigmas=official_sigmas(num_inference_steps)[:-1].tolist(), device=device)
+            self.scheduler.set_timesteps(sigmas=official_sigmas(num_inference_steps, shift)[:-1].tolist(),
+                                         device=device)
         finally:
             self.scheduler.set_shift(SHIFT)
         return self.scheduler.timesteps
@@ -400,6 +403,7 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         max_sequence_length: int = GENERATION_DEFAULTS["max_sequence_length"],
         *,
         reference_latents: torch.Tensor | None = None,
+        shift: float = SHIFT,
         max_references: int = MAX_REFERENCES,
         official_prompt_with_paths: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
@@ -422,6 +426,8 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
             prompt_embeds, negative_prompt_embeds: precomputed text states (B, max_sequence_length, text_dim) from
                 `encode_prompt`, instead of `prompt` / `negative_prompt`, as in `WanPipeline`; with both given (or
                 guidance off) the pipeline needs no text encoder (`text_encoder=None`).
+            shift: the grid's flow shift σ = shift·s / (1 + (shift − 1)·s) (the release's 7; 5 with 4 steps and
+                guidance 1 for Wan2.1 step-distillation LoRAs, `release.DISTILL_SHIFT`).
             reference_latents: precomputed reference latents from `encode_references`, instead of
                 `reference_images` (encode once, reuse across seeds and prompts).
             output_type: "np" (B, F, H, W, 3) floats in [0, 1], "pt", "pil" or "latent".
@@ -502,7 +508,7 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
             logger.info("No reference images: running plain text-to-video (Wan2.1 behaviour).")
 
         # 5. Prepare timesteps (the official shift-7 grid)
-        timesteps = self.set_official_timesteps(num_inference_steps, device=device)
+        timesteps = self.set_official_timesteps(num_inference_steps, device=device, shift=shift)
 
         # 6. Prepare latent variables (fp32; CFG and Euler updates run in fp32 as in the release)
         latents = self.prepare_latents(

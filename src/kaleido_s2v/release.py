@@ -25,6 +25,14 @@ WAN_NEGATIVE_PROMPT = (
 # The release's `sample_neg_prompt`: Wan's with "画得不好的脸部，" ("poorly drawn faces,") removed.
 KALEIDO_NEGATIVE_PROMPT = WAN_NEGATIVE_PROMPT.replace("画得不好的脸部，", "")
 
+# The few-step sampler that Wan2.1-T2V-14B step/CFG-distillation LoRAs expect (LightX2V `f8aee98`,
+# configs/distill/wan21/wan_t2v_distill_lora_4step_cfg.json: denoising_step_list [1000, 750, 500, 250],
+# sample_shift 5, enable_cfg false; lightx2v/models/schedulers/wan/step_distill/scheduler.py:25-49: σ = 5s/(1+4s)
+# at s = t/1000, Euler x + (σ_next − σ)·v; Self-Forcing `33593df` warps the same list with shift 5): the release's
+# grid formula with shift 5, 4 steps, no CFG. σ = 1, 0.9375, 0.8333, 0.625, then 0.
+DISTILL_SHIFT = 5.0
+DISTILL_DEFAULTS = dict(num_inference_steps=4, guidance_scale=1.0)
+
 # Sampling defaults of the release's script (keys as in `KaleidoPipeline.__call__` / generation_defaults.json).
 GENERATION_DEFAULTS = dict(
     height=512, width=896, num_frames=81, num_inference_steps=50, guidance_scale=6.0, fps=16,

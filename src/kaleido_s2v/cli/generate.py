@@ -78,11 +78,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--group-offload", action="store_true", help="block-level group offload (lowest GPU memory)")
     d.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles")
     d.add_argument("--layerwise-fp8", action="store_true", help="store transformer weights in fp8, compute in bf16")
+    f = parser.add_argument_group("speed (docs/generate.md#speed)")
+    f.add_argument("--sampler", choices=("official", "distill"), default="official",
+                   help="official (the release's grid) or distill: 4 steps, shift 5, no CFG, as Wan2.1 step-"
+                   "distillation LoRAs (LightX2V) expect (Kaleido models; --steps/--guidance still apply)")
+    f.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA file (.safetensors; diffusers/PEFT, original Wan (LightX2V, CausVid) or kohya keys), "
+                   "repeatable, each with its scale (default 1)")
+    f.add_argument("--cache", choices=("none", "fbcache", "taylorseer"), default="none",
+                   help="step caching through diffusers' hooks: fbcache (First Block Cache, threshold 0.05) or "
+                   "taylorseer (lite); the sidecar counts the forwards computed and cached")
+    f.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks (regional)")
+    f.add_argument("--attention-backend", metavar="NAME",
+                   help="diffusers attention backend (native, flash, _flash_3, sage, flex, ...); default: native SDPA")
     d.add_argument("--text-encoder-device", choices=("gpu", "cpu"), default="gpu",
                    help="where the prompts are encoded before the transformer loads: gpu (the --device; the text "
                    "encoder is freed afterwards) or cpu (as the releases' --t5_cpu)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_quiet(parser)
+
+
+def _sampler_defaults(args, family) -> dict:
+    """--sampler distill's steps and guidance (flags still override them); Kaleido models only for now."""
+    if args.sampler == "official":
+        return {}
+    if family.name != "kaleido":
+        raise UserInputError(f"--sampler distill is the Wan2.1 T2V distillation grid for Kaleido models: drop it for "
+                             f"this {family.name.upper()} model")
+    from kaleido_s2v.release import DISTILL_DEFAULTS
+
+    return dict(DISTILL_DEFAULTS)
 
 
 def _family_options(args, family) -> dict:
@@ -167,6 +192,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--convert needs --model DIR (an official release folder)")
     check_seed(args.seed)
     check_seed(args.layout_seed, "--layout-seed")
+    if args.attention_backend is not None:
+        from kaleido_s2v.speed import check_attention_backend
+
+        check_attention_backend(args.attention_backend)
+    if args.lora:
+        from kaleido_s2v.lora_files import parse_lora_spec
+
+        for spec in args.lora:
+            parse_lora_spec(spec)
     if args.cpu_offload and args.group_offload:
         raise UserInputError("--cpu-offload and --group-offload exclude each other: pick one")
     device = parse_device(args.device)
@@ -178,14 +212,19 @@ def run(args: argparse.Namespace) -> int:
         args.max_references = family.max_references
     check_at_least(args.max_references, "--max-references", 1)
 
-    # 1. Settings (flags > the model's generation_defaults.json > its family release's), cases, outputs: all checked
+    # 1. Settings (flags > the sampler's > the model's generation_defaults.json > its family release's), all checked
     defaults = ({**family.defaults, **builtin_generation_defaults()} if builtin
                 else facts(model_dir).sampling_defaults)
+    defaults.update(_sampler_defaults(args, family))
     flags = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                  guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length, fps=args.fps)
     settings, fps = batch.resolve_settings(flags, defaults, size_multiple(builtin_model_dir() if builtin else model_dir),
                                            family.min_frames)
     settings.update(_family_options(args, family))
+    if args.sampler == "distill":
+        from kaleido_s2v.release import DISTILL_SHIFT
+
+        settings["shift"] = DISTILL_SHIFT
     cases, skipped, manifest = _cases(args, builtin, settings, family)
 
     # 2. Processes, device, model
@@ -218,15 +257,25 @@ def run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(folder, "the built-in model" if builtin else "--model", dtype=dtype, text_encoder=None,
                              tokenizer=None)
     model_name = builtin_model_description() if builtin else path_text(model_dir.resolve())
+    loras = []
+    if args.lora:  # before offloading and fp8 storage, as diffusers recommends
+        from kaleido_s2v.lora_files import load_loras
+
+        loras = [{k: r[k] for k in ("file", "scale", "format")} for r in load_loras(pipe, args.lora)]
     memory = {k: getattr(args, k) for k in MEMORY_FLAGS}
     batch.apply_memory_options(pipe, rt.device, **memory)
+    from kaleido_s2v.speed import apply_speed_options
+
+    speed = {"sampler": args.sampler, "loras": loras, "cache": args.cache, "compile": args.compile,
+             "attention_backend": args.attention_backend or "native"}
+    apply_speed_options(pipe, cache=args.cache, compile=args.compile, attention_backend=args.attention_backend)
     if not split:
         enable_context_parallel(pipe.transformer, rt)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
 
     # 3. Generate
     record = {"dtype": str(dtype).removeprefix("torch."), "device": str(rt.device),
-              "text_encoder_device": str(text_device), "max_references": args.max_references, **memory}
+              "text_encoder_device": str(text_device), "max_references": args.max_references, **memory, **speed}
     ok = False
     try:
         results = batch.generate_cases(pipe, cases, settings, fps=fps, runtime=rt, split=split,
