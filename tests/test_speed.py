@@ -77,6 +77,10 @@ def test_attention_backends_and_cli_flags(tmp_path, capsys):
     assert plain["transformer_forwards"] == {"calls": 2 * steps, "computed": 2 * steps, "cached": 0}
     assert none["settings"]["cache"] == "none" and none["settings"]["attention_backend"] == "native"
     assert fb["settings"]["cache"] == "fbcache" and fb["transformer_forwards"]["cached"] > 0
+    stages = plain["stages"]
+    assert set(stages["seconds"]) == {"references", "denoise", "decode"} and stages["seconds"]["denoise"] > 0
+    assert sum(stages["seconds"].values()) <= plain["seconds"] and stages["memory"]["peak_gib"] > 0
+    assert plain["settings"]["text_encoder_seconds"] > 0  # encoded once, before the pipeline loaded
     assert fb["transformer_forwards"]["calls"] == 2 * steps
 
 

@@ -352,7 +352,7 @@ def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime
     from . import library_versions
     from .distributed import Runtime
     from .release import MAX_REFERENCES
-    from .speed import ForwardCounter
+    from .speed import ForwardCounter, StageTimer
     from .video_io import write_video
 
     rt = runtime or Runtime()
@@ -360,7 +360,7 @@ def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime
     writes = split or rt.is_main
     mine = cases_of_rank(cases, rt, split)
     versions = library_versions()
-    counter = ForwardCounter(pipe.transformer)
+    counter, timer = ForwardCounter(pipe.transformer), StageTimer(pipe, rt.device)
     results = []
     for case in tqdm(mine, desc="videos", unit="video", disable=not progress or len(mine) < 2):
         seed = case.seed if case.seed is not None else random.randrange(2**31)
@@ -373,7 +373,7 @@ def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime
             text = dict(prompt_embeds=embeddings[_encoded_text(case)],
                         negative_prompt_embeds=embeddings.get(negative) if settings["guidance_scale"] > 1.0 else None)
         start = time.perf_counter()
-        with counter.counting():
+        with counter.counting(), timer.timing():
             frames = pipe(
                 reference_images=case.images or case.references,
                 **text,
@@ -403,6 +403,7 @@ def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime
             "versions": versions,
             "seconds": round(seconds, 3),
             "transformer_forwards": counter.record(),
+            "stages": timer.record(),
         }, indent=2, ensure_ascii=False) + "\n")
         results.append({"video": path_text(case.output), "sidecar": path_text(sidecar), "seed": seed,
                         "seconds": round(seconds, 3), "source": path_text(case.source),

@@ -105,3 +105,74 @@ class ForwardCounter:
 
     def record(self) -> dict:
         return {"calls": self.calls, "computed": self.computed, "cached": self.calls - self.computed}
+
+
+class StageTimer:
+    """Seconds per stage of one pipeline call — `references` (VAE encodes and the CLIP image encoder),
+    `denoise` (the transformer forwards), `decode` (VAE decode) — and the peak memory of the device.
+
+    Stages are timed by wrapping the components' calls (on CUDA with a synchronize at each boundary, so the time
+    is the device's); the text encoder is timed where it runs (`generate` encodes before the pipeline loads). Peak
+    memory: `torch.cuda.max_memory_allocated` on CUDA (reset per call), the process's peak resident set on the CPU.
+    """
+
+    def __init__(self, pipe, device):
+        import torch
+
+        self.pipe, self.device = pipe, torch.device(device)
+        self.seconds: dict[str, float] = {}
+
+    def _sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _timed(self, stage: str, fn):
+        import time
+
+        def wrapper(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._sync()
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+        return wrapper
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[StageTimer]:
+        import torch
+
+        self.seconds = {"references": 0.0, "denoise": 0.0, "decode": 0.0}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        patched = [(self.pipe.vae, "encode", "references"), (self.pipe.vae, "decode", "decode"),
+                   (self.pipe.transformer, "forward", "denoise")]
+        if getattr(self.pipe, "image_encoder", None) is not None:
+            patched.append((self.pipe.image_encoder, "forward", "references"))
+        saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in patched]
+        for obj, name, stage in patched:
+            setattr(obj, name, self._timed(stage, getattr(obj, name)))
+        try:
+            yield self
+        finally:
+            for obj, name, original in saved:  # back to the class's method (or what was set on the instance)
+                if original is None:
+                    delattr(obj, name)
+                else:
+                    setattr(obj, name, original)
+
+    def record(self) -> dict:
+        import resource
+
+        import torch
+
+        if self.device.type == "cuda":
+            peak = {"device": "cuda", "peak_gib": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)}
+        else:
+            peak = {"device": "cpu (process peak RSS)",
+                    "peak_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+        return {"seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "memory": peak}

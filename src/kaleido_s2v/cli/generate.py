@@ -240,13 +240,17 @@ def run(args: argparse.Namespace) -> int:
         hide_library_progress()
     dtype = resolve_dtype(args.dtype, rt.device)
     folder = builtin_model_dir() if builtin else model_dir
-    embeddings, text_device = None, "pipeline"
+    embeddings, text_device, text_seconds = None, "pipeline", None
     if folder is not None:  # the prompts first (each distinct text once), then the text encoder is freed
+        import time
+
         import torch
 
         text_device = torch.device("cpu") if args.text_encoder_device == "cpu" else rt.device
+        start = time.perf_counter()
         embeddings = _encode_prompts(folder, batch.cases_of_rank(cases, rt, split), settings,
                                      defaults["negative_prompt"], text_device, dtype)
+        text_seconds = round(time.perf_counter() - start, 3)
     if folder is None:  # no shipped weights: the random stand-in, with its own text encoder
         from kaleido_s2v.builtin import load_builtin_pipeline
 
@@ -275,7 +279,8 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. Generate
     record = {"dtype": str(dtype).removeprefix("torch."), "device": str(rt.device),
-              "text_encoder_device": str(text_device), "max_references": args.max_references, **memory, **speed}
+              "text_encoder_device": str(text_device), "text_encoder_seconds": text_seconds,
+              "max_references": args.max_references, **memory, **speed}
     ok = False
     try:
         results = batch.generate_cases(pipe, cases, settings, fps=fps, runtime=rt, split=split,
