@@ -1,13 +1,14 @@
 """Fast modes on the built-in model, on CPU: what each one saves and what it costs in quality.
 
 For every mode (the official sampler uncached = the baseline, measured in the same run; `--cache fbcache`,
-`--cache taylorseer`; the distill grid with 4 and 8 steps, which without a distillation LoRA shows only what the grid
+`--cache taylorseer`, `--cache magcache` with the ratios the built-in model ships (`--calibrate N` re-measures them
+on N other cases first); the distill grid with 4 and 8 steps, which without a distillation LoRA shows only what the grid
 alone does to this model) the built-in pipeline generates the toy world's evaluation cases (`make-eval`, seeded),
 and the table gives: transformer forwards computed / called, wall time of the denoising calls against the baseline,
 PSNR of the video against the baseline's video of the same case and seed, and the toy evaluator's subject recall and
 colour recall (docs/toy.md) against the baseline's. Expected: the cache modes skip >= 40 % of the forwards.
 
-    .venv/bin/python benchmarks/bench_speed.py [--cases 12] [--threads 2] [--json]
+    .venv/bin/python benchmarks/bench_speed.py [--cases 24] [--threads 2] [--calibrate 8] [--json]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ MODES = {  # name -> (apply_speed_options kwargs, pipeline call overrides)
     "official": ({}, {}),
     "fbcache": ({"cache": "fbcache"}, {}),
     "taylorseer": ({"cache": "taylorseer"}, {}),
+    "magcache": ({"cache": "magcache"}, {}),  # the ratios the built-in model ships (toy/weights/cache_calibration.json)
     "distill-4": ({}, {"num_inference_steps": 4, "guidance_scale": 1.0, "shift": 5.0}),
     "distill-8": ({}, {"num_inference_steps": 8, "guidance_scale": 1.0, "shift": 5.0}),
 }
@@ -39,13 +41,18 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def run_mode(name: str, records: list[dict], cases_dir: Path) -> tuple[list[np.ndarray], dict]:
     from kaleido_s2v.builtin import builtin_model_dir, load_builtin_pipeline
     from kaleido_s2v.model_folder import generation_defaults
-    from kaleido_s2v.speed import ForwardCounter, apply_speed_options
+    from kaleido_s2v.speed import ForwardCounter, apply_speed_options, read_magcache_ratios
 
     options, overrides = MODES[name]
     pipe = load_builtin_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    apply_speed_options(pipe, **options)
     defaults = generation_defaults(builtin_model_dir())
+    if options.get("cache") == "magcache":
+        options = {**options, "num_inference_steps": defaults["num_inference_steps"],
+                   "mag_ratios": read_magcache_ratios(builtin_model_dir(), "official", defaults["num_inference_steps"])}
+    elif options.get("cache") == "magcache-calibrate":
+        options = {**options, "num_inference_steps": defaults["num_inference_steps"]}
+    apply_speed_options(pipe, **options)
     counter, videos, seconds, calls, computed = ForwardCounter(pipe.transformer), [], 0.0, 0, 0
     for k, r in enumerate(records):
         scene = r["scene"]
@@ -64,11 +71,29 @@ def run_mode(name: str, records: list[dict], cases_dir: Path) -> tuple[list[np.n
     return videos, {"seconds": seconds, "calls": calls, "computed": computed}
 
 
+def calibrate_builtin(records: list[dict], cases_dir: Path) -> Path:
+    """MagCache ratios of the built-in model on its 20-step official grid (mean over the cases and CFG branches),
+    written to the package's toy/weights/cache_calibration.json: what `--cache magcache` reads for it."""
+    from kaleido_s2v.builtin import builtin_model_dir
+    from kaleido_s2v.model_folder import generation_defaults
+    from kaleido_s2v.speed import capturing_magcache_ratios, write_magcache_ratios
+
+    MODES["magcache-calibrate"] = ({"cache": "magcache-calibrate"}, {})
+    with capturing_magcache_ratios() as lists:
+        run_mode("magcache-calibrate", records, cases_dir)
+    steps = generation_defaults(builtin_model_dir())["num_inference_steps"]
+    lists = [r for r in lists if len(r) == steps]
+    del MODES["magcache-calibrate"]
+    return write_magcache_ratios(builtin_model_dir(), "official", steps, list(np.mean(lists, axis=0)), overwrite=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--calibrate", type=int, default=0, metavar="N",
+                        help="first re-measure the built-in model's shipped MagCache ratios on N other cases")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,6 +107,10 @@ def main() -> None:
         recipe = load_recipe()  # the world the built-in model was trained on (its size, frames, captions)
         make_eval_cases(cases_dir, args.cases, seed=7, cfg=world_config(recipe), progress=False)
         records = read_scenes(cases_dir)
+        if args.calibrate:  # on other cases than the ones scored
+            calibration_dir = Path(tmp) / "calibration"
+            make_eval_cases(calibration_dir, args.calibrate, seed=8, cfg=world_config(recipe), progress=False)
+            print(f"stored {calibrate_builtin(read_scenes(calibration_dir), calibration_dir)}")
         baseline_videos = None
         for name in MODES:
             videos, cost = run_mode(name, records, cases_dir)

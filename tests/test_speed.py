@@ -61,7 +61,7 @@ def test_cfg_branches_keep_their_own_cache():
 def test_attention_backends_and_cli_flags(tmp_path, capsys):
     usable = attention_backends()
     assert "native" in usable and not any(b.endswith("_hub") for b in usable)  # nothing fetched at run time
-    assert set(CACHE_MODES) == {"none", "fbcache", "taylorseer"}
+    assert set(CACHE_MODES) == {"none", "fbcache", "taylorseer", "magcache", "magcache-calibrate"}
     rc = main(["generate", "--prompt", "p", "--attention-backend", "no_such_kernel", "-o", str(tmp_path / "v.mp4")])
     err = capsys.readouterr().err
     assert rc == 2 and "--attention-backend 'no_such_kernel' is not usable on this machine: choose one of" in err
@@ -151,3 +151,48 @@ def test_cli_lora_changes_the_video_and_is_recorded(tmp_path, capsys):
     rc = main([*common, "--lora", str(bad), "-o", str(tmp_path / "bad.mp4")])
     err = capsys.readouterr().err
     assert rc == 2 and "bad.safetensors" in err and "Traceback" not in err and not (tmp_path / "bad.mp4").exists()
+
+
+def test_magcache_calibrates_once_then_skips_and_refuses_other_grids(tmp_path, capsys):
+    """magcache-calibrate stores the ratios in the model folder (keyed by sampler and steps, stdout untouched);
+    magcache then skips forwards; another step count, or a calibration file the user wrote, is refused."""
+    from PIL import Image
+
+    from kaleido_s2v.speed import CALIBRATION_FILE
+
+    model = tmp_path / "model"
+    KaleidoPipeline(**tiny_components(seed=0)).save_pretrained(model)
+    Image.fromarray(REF).save(tmp_path / "a.png")
+    common = ["generate", "--model", str(model), "--prompt", "cat", "--ref", str(tmp_path / "a.png"), "--height",
+              "32", "--width", "48", "--frames", "5", "--steps", "12", "--max-sequence-length", "16", "--seed", "0",
+              "--quiet"]
+    assert main([*common, "--cache", "magcache", "-o", str(tmp_path / "a.mp4")]) == 2
+    assert "no calibration for 12 steps of the official sampler" in capsys.readouterr().err
+    assert main([*common, "--cache", "magcache-calibrate", "--json", "-o", str(tmp_path / "cal.mp4")]) == 0
+    out = capsys.readouterr()
+    json.loads(out.out)  # only the JSON summary on stdout
+    calibration = json.loads((model / CALIBRATION_FILE).read_text())
+    ratios = calibration["magcache"]["official:12"]["ratios"]
+    assert calibration["made_by"] == "kaleido-s2v generate" and len(ratios) == 12 and ratios[0] == 1.0
+    assert main([*common, "--cache", "magcache", "-o", str(tmp_path / "m.mp4")]) == 0
+    forwards = json.loads((tmp_path / "m.json").read_text())["transformer_forwards"]
+    assert forwards["calls"] == 24 and forwards["computed"] < 24
+    six = [*common[:-6], "6", *common[-5:]]
+    assert main([*six, "--cache", "magcache", "-o", str(tmp_path / "six.mp4")]) == 2
+    assert "(it holds official:12): run once with --cache magcache-calibrate --steps 6" in capsys.readouterr().err
+    # a calibration file the user wrote is theirs: refused, kept
+    (model / CALIBRATION_FILE).write_text('{"mine": true}\n')
+    assert main([*common, "--cache", "magcache-calibrate", "-o", str(tmp_path / "again.mp4")]) == 2
+    assert "already exists" in capsys.readouterr().err and (model / CALIBRATION_FILE).read_text() == '{"mine": true}\n'
+
+
+def test_builtin_model_ships_magcache_ratios(tmp_path):
+    """The built-in model's 20-step official grid is calibrated in the package: --cache magcache works at once."""
+    from kaleido_s2v.builtin import builtin_model_dir
+    from kaleido_s2v.speed import read_magcache_ratios
+
+    assert len(read_magcache_ratios(builtin_model_dir(), "official", 20)) == 20
+    assert main(["generate", "--prompt", "The red striped circle moves to the left.", "--seed", "1", "--quiet",
+                 "--cache", "magcache", "-o", str(tmp_path / "m.mp4")]) == 0
+    forwards = json.loads((tmp_path / "m.json").read_text())["transformer_forwards"]
+    assert forwards["calls"] == 40 and 0 < forwards["computed"] < 40

@@ -8,7 +8,10 @@ defaults unless said otherwise:
   - `fbcache`: First Block Cache, threshold 0.05 (the residual change of the first block that allows reusing the
     rest);
   - `taylorseer`: TaylorSeer in diffusers' lite mode (blocks predicted by a first-order Taylor series, refreshed
-    every 5 steps after the first 3; the default attention-module mode did not skip on these transformers).
+    every 5 steps after the first 3; the default attention-module mode did not skip on these transformers);
+  - `magcache`: MagCache (threshold 0.06, at most 3 consecutive skips, the first 20 % of steps always computed) with
+    the model's magnitude ratios, measured once by `magcache-calibrate` and stored in the model folder's
+    `cache_calibration.json`, keyed by sampler and step count (ratios are model- and grid-dependent).
 """
 
 from __future__ import annotations
@@ -18,16 +21,100 @@ from collections.abc import Iterator
 
 from .errors import UserInputError
 
-CACHE_MODES = ("none", "fbcache", "taylorseer")
+CACHE_MODES = ("none", "fbcache", "taylorseer", "magcache", "magcache-calibrate")
+CALIBRATION_FILE = "cache_calibration.json"
+MADE_BY = "kaleido-s2v generate"
 
 
-def cache_config(mode: str):
-    """The diffusers cache config of a mode (None for "none")."""
+def calibration_key(sampler: str, steps: int) -> str:
+    return f"{sampler}:{steps}"
+
+
+def read_magcache_ratios(model_dir, sampler: str, steps: int, fix: str | None = None) -> list[float]:
+    """The ratios `magcache-calibrate` stored for this sampler and step count, or a one-line error saying how to
+    make them (`fix`: another remedy, e.g. for a folder that cannot be written)."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / CALIBRATION_FILE if model_dir is not None else None
+    data = {}
+    if path is not None and path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserInputError(f"--cache magcache: '{path}' is not readable JSON ({e}): remove it and calibrate "
+                                 "again with --cache magcache-calibrate") from None
+    entry = (data.get("magcache") or {}).get(calibration_key(sampler, steps)) if isinstance(data, dict) else None
+    if not entry:
+        made = sorted((data.get("magcache") or {}) if isinstance(data, dict) else {})
+        have = f" (it holds {', '.join(made)})" if made else ""
+        fix = fix or f"run once with --cache magcache-calibrate --steps {steps}"
+        raise UserInputError(f"--cache magcache: no calibration for {steps} steps of the {sampler} sampler in "
+                             f"{path or 'the model folder'}{have}: {fix}")
+    return [float(r) for r in entry["ratios"]]
+
+
+def write_magcache_ratios(model_dir, sampler: str, steps: int, ratios: list[float], overwrite: bool = False):
+    """Add this grid's ratios to the model folder's calibration file (a file this command did not write is kept
+    unless `overwrite`)."""
+    import json
+    from pathlib import Path
+
+    from .fileio import claim_file, write_text_atomic
+
+    path = Path(model_dir) / CALIBRATION_FILE
+    exists = claim_file(path, "--cache magcache-calibrate", overwrite=overwrite, made_by=MADE_BY)
+    data = json.loads(path.read_text(encoding="utf-8")) if exists else {}
+    data = data if isinstance(data, dict) and data.get("made_by") == MADE_BY else {}
+    data["made_by"] = MADE_BY
+    data.setdefault("magcache", {})[calibration_key(sampler, steps)] = {"ratios": [round(r, 6) for r in ratios]}
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def capturing_magcache_ratios() -> Iterator[list[list[float]]]:
+    """The ratio lists diffusers' MagCache calibration reports (one per CFG branch and call), captured from its
+    logger; its own "copy these values" print is swallowed (stdout stays clean for `--json`)."""
+    import ast
+    import io
+    import logging
+
+    lists: list[list[float]] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("MagCache Calibration Results:"):
+                lists.append([float(v) for v in ast.literal_eval(message.split(":", 1)[1].strip())])
+
+    log = logging.getLogger("diffusers.hooks.mag_cache")
+    handler, level, propagate = Handler(level=logging.INFO), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # ours only: diffusers' own handler would print the record too
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield lists
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
+
+
+def cache_config(mode: str, num_inference_steps: int | None = None, mag_ratios: list[float] | None = None):
+    """The diffusers cache config of a mode (None for "none"); MagCache needs the step count and, unless
+    calibrating, the ratios."""
     import torch
-    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+    from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
     if mode not in CACHE_MODES:
         raise UserInputError(f"--cache {mode!r}: choose one of {', '.join(CACHE_MODES)}")
+    if mode == "magcache-calibrate":
+        return MagCacheConfig(calibrate=True, num_inference_steps=num_inference_steps)
+    if mode == "magcache":
+        return MagCacheConfig(mag_ratios=mag_ratios, num_inference_steps=num_inference_steps, threshold=0.06,
+                              max_skip_steps=3, retention_ratio=0.2)
     if mode == "fbcache":
         return FirstBlockCacheConfig(threshold=0.05)
     if mode == "taylorseer":
@@ -62,14 +149,14 @@ def check_attention_backend(name: str | None) -> None:
                              f"{', '.join(usable)}")
 
 
-def apply_speed_options(pipe, *, cache: str = "none", compile: bool = False, attention_backend: str | None = None
-                        ) -> None:
+def apply_speed_options(pipe, *, cache: str = "none", compile: bool = False, attention_backend: str | None = None,
+                        num_inference_steps: int | None = None, mag_ratios: list[float] | None = None) -> None:
     """Attention backend, then the cache hooks, then regional compilation of the repeated blocks."""
     transformer = pipe.transformer
     if attention_backend is not None:
         check_attention_backend(attention_backend)
         transformer.set_attention_backend(attention_backend)
-    config = cache_config(cache)
+    config = cache_config(cache, num_inference_steps, mag_ratios)
     if config is not None:
         transformer.enable_cache(config)
     if compile:

@@ -85,9 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA file (.safetensors; diffusers/PEFT, original Wan (LightX2V, CausVid) or kohya keys), "
                    "repeatable, each with its scale (default 1)")
-    f.add_argument("--cache", choices=("none", "fbcache", "taylorseer"), default="none",
-                   help="step caching through diffusers' hooks: fbcache (First Block Cache, threshold 0.05) or "
-                   "taylorseer (lite); the sidecar counts the forwards computed and cached")
+    f.add_argument("--cache", choices=("none", "fbcache", "taylorseer", "magcache", "magcache-calibrate"),
+                   default="none", help="step caching through diffusers' hooks: fbcache (First Block Cache, threshold "
+                   "0.05), taylorseer (lite), magcache (needs one run of magcache-calibrate for this sampler and step "
+                   "count: it stores the ratios in the model folder); the sidecar counts the forwards computed and cached")
     f.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks (regional)")
     f.add_argument("--attention-backend", metavar="NAME",
                    help="diffusers attention backend (native, flash, _flash_3, sage, flex, ...); default: native SDPA")
@@ -96,6 +97,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "encoder is freed afterwards) or cpu (as the releases' --t5_cpu)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_quiet(parser)
+
+
+def _magcache(args, builtin: bool, model_dir, steps: int) -> list[float] | None:
+    """MagCache's ratios for this run (`--cache magcache`), or the check that a calibration may be written."""
+    from kaleido_s2v import speed
+
+    if args.cache == "magcache":
+        from kaleido_s2v.builtin import builtin_model_dir
+
+        fix = "the built-in model ships ratios for its default grid only (the official sampler, its default --steps)"
+        return speed.read_magcache_ratios(builtin_model_dir() if builtin else model_dir, args.sampler, steps,
+                                          fix if builtin else None)
+    if args.cache == "magcache-calibrate":
+        if builtin:
+            raise UserInputError("--cache magcache-calibrate stores the ratios in the model folder: give --model DIR "
+                                 "(the built-in model's folder is part of the package)")
+        from kaleido_s2v.fileio import claim_file
+
+        claim_file(model_dir / speed.CALIBRATION_FILE, "--cache magcache-calibrate", overwrite=args.overwrite,
+                   made_by=speed.MADE_BY)
+    return None
+
+
+def _capturing(calibrating: bool):
+    import contextlib
+
+    from kaleido_s2v.speed import capturing_magcache_ratios
+
+    return capturing_magcache_ratios() if calibrating else contextlib.nullcontext([])
+
+
+def _store_calibration(model_dir, args, steps: int, captured: list[list[float]]) -> None:
+    """The mean of the ratio lists the run measured (every case and CFG branch), into the model folder."""
+    import numpy as np
+
+    from kaleido_s2v.fileio import path_text
+    from kaleido_s2v.speed import write_magcache_ratios
+
+    lists = [r for r in captured if len(r) == steps]
+    if not lists:
+        raise UserInputError("--cache magcache-calibrate: diffusers reported no ratios for this run; nothing stored")
+    path = write_magcache_ratios(model_dir, args.sampler, steps, list(np.mean(lists, axis=0)), args.overwrite)
+    print(f"stored MagCache ratios for {steps} steps of the {args.sampler} sampler in {path_text(path)}",
+          file=sys.stderr)
 
 
 def _sampler_defaults(args, family) -> dict:
@@ -225,6 +270,7 @@ def run(args: argparse.Namespace) -> int:
         from kaleido_s2v.release import DISTILL_SHIFT
 
         settings["shift"] = DISTILL_SHIFT
+    mag_ratios = _magcache(args, builtin, model_dir, settings["num_inference_steps"])
     cases, skipped, manifest = _cases(args, builtin, settings, family)
 
     # 2. Processes, device, model
@@ -272,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
 
     speed = {"sampler": args.sampler, "loras": loras, "cache": args.cache, "compile": args.compile,
              "attention_backend": args.attention_backend or "native"}
-    apply_speed_options(pipe, cache=args.cache, compile=args.compile, attention_backend=args.attention_backend)
+    apply_speed_options(pipe, cache=args.cache, compile=args.compile, attention_backend=args.attention_backend,
+                        num_inference_steps=settings["num_inference_steps"], mag_ratios=mag_ratios)
     if not split:
         enable_context_parallel(pipe.transformer, rt)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
@@ -282,11 +329,16 @@ def run(args: argparse.Namespace) -> int:
               "text_encoder_device": str(text_device), "text_encoder_seconds": text_seconds,
               "max_references": args.max_references, **memory, **speed}
     ok = False
+    calibrating = args.cache == "magcache-calibrate"
     try:
-        results = batch.generate_cases(pipe, cases, settings, fps=fps, runtime=rt, split=split,
-                                       negative_prompt=defaults["negative_prompt"], max_references=args.max_references,
-                                       record=record, model=model_name, manifest=manifest, progress=progress,
-                                       announce=not args.json, embeddings=embeddings)
+        with _capturing(calibrating) as captured:
+            results = batch.generate_cases(pipe, cases, settings, fps=fps, runtime=rt, split=split,
+                                           negative_prompt=defaults["negative_prompt"],
+                                           max_references=args.max_references, record=record, model=model_name,
+                                           manifest=manifest, progress=progress,
+                                           announce=not args.json, embeddings=embeddings)
+        if calibrating and rt.is_main:
+            _store_calibration(model_dir, args, settings["num_inference_steps"], captured)
         ok = True
     finally:
         shutdown(barrier=ok)
