@@ -27,6 +27,7 @@ from kaleido_s2v.magref.release import (
 )
 
 H, W = 480, 832
+FP32 = dict(rtol=1e-5, atol=1e-6)  # separately built or loaded fp32 models: other kernels may reassociate
 
 
 # ------------------------------------------------------------------------------------------ the release, transcribed
@@ -173,9 +174,9 @@ def test_transparent_reference_goes_onto_white():
     rgba[10:40, 10:40] = (200, 0, 0, 255)
     canvas, mask = compose_references([rgba], layout="grid")
     arr = np.asarray(canvas)
-    assert mask.all() is np.False_ and arr[~mask].min() == 255
+    assert not mask.all() and arr[~mask].min() == 255
     assert (arr[mask][:, 1:] == 255).any()  # the transparent part of the fitted image is white, not black
-    assert arr.min() >= 0 and (arr[mask] == (0, 0, 0)).all(axis=-1).sum() == 0
+    assert (arr[mask] == (0, 0, 0)).all(axis=-1).sum() == 0  # no black pixels where the image was transparent
 
 
 def test_bad_layout_and_no_references_are_refused():
@@ -413,7 +414,8 @@ def test_wrong_scheduler_config_is_corrected_with_a_warning(pipe, caplog):
         dlogging.disable_propagation()
     assert "does not sample as MAGREF" in caplog.text
     assert other.scheduler.config.flow_shift == 3.0
-    torch.testing.assert_close(got, run(pipe, references(1)), rtol=0, atol=0)  # same weights (seed 0), same grid
+    # a separately built pipeline (same seed-0 weights): fp32 tolerance, not bit-identity
+    torch.testing.assert_close(got, run(pipe, references(1)), **FP32)
 
 
 def test_save_and_load_round_trip_and_wan_i2v_folder(pipe, tmp_path):
@@ -431,7 +433,7 @@ def test_save_and_load_round_trip_and_wan_i2v_folder(pipe, tmp_path):
     loaded = load_pipeline(tmp_path / "magref")
     assert type(loaded) is MagrefPipeline
     loaded.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(run(loaded, references(2)), run(pipe, references(2)), rtol=0, atol=0)
+    torch.testing.assert_close(run(loaded, references(2)), run(pipe, references(2)), **FP32)  # a loaded copy
     defaults = facts(tmp_path / "magref").sampling_defaults
     assert (defaults["height"], defaults["width"], defaults["num_frames"], defaults["fps"]) == (480, 832, 81, 15)
     assert (defaults["num_inference_steps"], defaults["guidance_scale"]) == (40, 5.0)
@@ -444,5 +446,5 @@ def test_save_and_load_round_trip_and_wan_i2v_folder(pipe, tmp_path):
     from_wan = load_pipeline(tmp_path / "wan-i2v")
     assert type(from_wan) is MagrefPipeline
     from_wan.set_progress_bar_config(disable=True)
-    torch.testing.assert_close(run(from_wan, references(2)), run(pipe, references(2)), rtol=0, atol=0)
+    torch.testing.assert_close(run(from_wan, references(2)), run(pipe, references(2)), **FP32)
 
