@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_transformer import transformer_flops  # noqa: E402
 
 RELEASE = dict(frames=21, height=64, width=112, refs=3, text_tokens=512)  # latent sizes: 81 frames, 512x896
+MADE_BY = "benchmarks/gpu_suite.py"
 TINY = dict(frames=3, height=8, width=12, refs=2, text_tokens=16)
 
 
@@ -97,7 +98,15 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_suite.json")
     parser.add_argument("--results", default=None, help="append a dated table to this markdown file")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out file this suite did not write")
     args = parser.parse_args()
+    from kaleido_s2v.errors import UserInputError
+    from kaleido_s2v.fileio import claim_file
+
+    try:  # checked before minutes of device time are spent: a file the suite did not write is kept
+        claim_file(args.out, "--out", overwrite=args.overwrite, made_by=MADE_BY)
+    except UserInputError as e:
+        raise SystemExit(f"gpu_suite.py: error: {e}") from None
 
     from kaleido_s2v.speed import attention_backends
 
@@ -109,7 +118,7 @@ def main() -> None:
     sizes = TINY if dry else RELEASE
     repeats = args.repeats or (2 if dry else 5)
     started = time.perf_counter()
-    report = {"date": datetime.date.today().isoformat(), "dry_run": dry, "device": (
+    report = {"made_by": MADE_BY, "date": datetime.date.today().isoformat(), "dry_run": dry, "device": (
         torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"),
         "torch": torch.__version__, "sizes": sizes}
 

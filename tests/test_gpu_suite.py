@@ -25,3 +25,12 @@ def test_gpu_suite_dry_run(tmp_path):
     assert report["distill_sample"]["frames"] == 9 and set(report["peak_memory_gib"]) >= {"resident", "fp8_storage"}
     text = results.read_text()
     assert text.startswith("# results\n") and "## GPU suite" in text and "| attention `native` |" in text
+
+
+def test_gpu_suite_keeps_a_file_it_did_not_write(tmp_path):
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": true}\n')
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--dry-run", "--out", str(mine)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert mine.read_text() == '{"mine": true}\n'

@@ -304,8 +304,7 @@ def apply_memory_options(pipe, device, *, cpu_offload=False, group_offload=False
 
 def cases_of_rank(cases: list[Case], runtime=None, split: bool = False) -> list[Case]:
     """The cases this rank generates: all of them, or its share with `split` (`--split-cases`)."""
-    rt = runtime
-    return cases[rt.rank :: rt.world_size] if split and rt is not None else cases
+    return cases[runtime.rank :: runtime.world_size] if split and runtime is not None else cases
 
 
 def _encoded_text(case: Case) -> str:

@@ -76,13 +76,15 @@ def check_sizes(height: int, width: int, num_inference_steps: int, size_multiple
 def check_request(prompt, negative_prompt, num_references: int, max_references: int, names=None,
                   note: str = REFERENCE_NOTE) -> None:
     """Prompt, negative prompt and reference count of one call (or one batch case); `note`: why fewer
-    references are better (the family's `REFERENCE_NOTE`)."""
+    references are better (the family's `REFERENCE_NOTE`). `prompt` None: the call gives `prompt_embeds` instead
+    (`WanSamplingMixin.check_prompt_inputs` has checked that one of them is there)."""
     n = {**ARGUMENT_NAMES, **(names or {})}
-    if prompt is None or not isinstance(prompt, (str, list)):
-        raise UserInputError(f"{n['prompt']} has to be a `str` or a `list` of str but is {type(prompt).__name__}")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise UserInputError(f"{n['prompt']} is empty: describe the video to generate")
+    if prompt is not None:
+        if not isinstance(prompt, (str, list)):
+            raise UserInputError(f"{n['prompt']} has to be a `str` or a `list` of str but is {type(prompt).__name__}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise UserInputError(f"{n['prompt']} is empty: describe the video to generate")
     if negative_prompt is not None and not isinstance(negative_prompt, (str, list)):
         raise UserInputError(
             f"{n['negative_prompt']} has to be a `str` or a `list` of str but is {type(negative_prompt).__name__}"
@@ -119,6 +121,24 @@ class WanSamplingMixin:
 
 
     default_negative_prompt = KALEIDO_NEGATIVE_PROMPT  # the family release's; MagrefPipeline overrides it
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """`DiffusionPipeline.from_pretrained`; a local folder is resolved and checked first (`model_folder`).
+
+        An official release folder (no `model_index.json`) is converted into a cache folder with
+        `auto_convert=True`, else the error gives the `kaleido-s2v convert` command; a local pipeline folder with a
+        missing, truncated or corrupt file is one `UserInputError` naming it. (MagrefPipeline also loads a
+        diffusers `WanImageToVideoPipeline` folder as it is.)
+        """
+        auto_convert = kwargs.pop("auto_convert", False)
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+            from .model_folder import resolve_model_folder
+
+            path = resolve_model_folder(path, "pretrained_model_name_or_path", auto_convert=auto_convert,
+                                        components=None)
+        return super().from_pretrained(path, **kwargs)
 
     def encode_prompt(
         self,
@@ -276,23 +296,6 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> KaleidoPipeline:
-        """`DiffusionPipeline.from_pretrained`; a local folder is resolved and checked first (`model_folder`).
-
-        An official release folder (no `model_index.json`) is converted into a cache folder with
-        `auto_convert=True`, else the error gives the `kaleido-s2v convert` command; a local pipeline folder with a
-        missing, truncated or corrupt file is one `UserInputError` naming it.
-        """
-        auto_convert = kwargs.pop("auto_convert", False)
-        path = pretrained_model_name_or_path
-        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-            from .model_folder import resolve_model_folder
-
-            path = resolve_model_folder(path, "pretrained_model_name_or_path", auto_convert=auto_convert,
-                                        components=None)
-        return super().from_pretrained(path, **kwargs)
-
     # ------------------------------------------------------------------ references
     @torch.no_grad()
     def encode_references(
@@ -345,8 +348,7 @@ class KaleidoPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
         check_sizes(height, width, num_inference_steps, multiple)
         num_refs = len(reference_lists[0]) if reference_lists else 0
-        # with prompt_embeds there is no text to check: "x" stands in for it
-        check_request("x" if prompt is None else prompt, negative_prompt, num_refs, max_references)
+        check_request(prompt, negative_prompt, num_refs, max_references)
         if num_refs > TRAINED_REFERENCES:
             logger.warning(
                 f"{num_refs} references given; the model was trained with at most {TRAINED_REFERENCES}, so quality "

@@ -85,8 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA file (.safetensors; diffusers/PEFT, original Wan (LightX2V, CausVid) or kohya keys), "
                    "repeatable, each with its scale (default 1)")
-    f.add_argument("--cache", choices=("none", "fbcache", "taylorseer", "magcache", "magcache-calibrate"),
-                   default="none", help="step caching through diffusers' hooks: fbcache (First Block Cache, threshold "
+    from kaleido_s2v.speed import CACHE_MODES
+
+    f.add_argument("--cache", choices=CACHE_MODES, default="none", help="step caching through diffusers' hooks: fbcache (First Block Cache, threshold "
                    "0.05), taylorseer (lite), magcache (needs one run of magcache-calibrate for this sampler and step "
                    "count: it stores the ratios in the model folder); the sidecar counts the forwards computed and cached")
     f.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks (regional)")
@@ -252,18 +253,20 @@ def run(args: argparse.Namespace) -> int:
     if (args.cpu_offload or args.group_offload) and device.type == "cpu":
         raise UserInputError("--cpu-offload/--group-offload move weights to a GPU: they need a CUDA --device")
     model_dir = None if builtin else resolve_model_folder(args.model, "--model", auto_convert=args.convert)
-    family = KALEIDO if builtin else facts(model_dir).family
+    folder = builtin_model_dir() if builtin else model_dir  # None: no shipped weights (the random stand-in)
+    folder_facts = facts(folder) if folder is not None else None  # its configs, read once
+    family = KALEIDO if builtin else folder_facts.family
     if args.max_references is None:
         args.max_references = family.max_references
     check_at_least(args.max_references, "--max-references", 1)
 
     # 1. Settings (flags > the sampler's > the model's generation_defaults.json > its family release's), all checked
     defaults = ({**family.defaults, **builtin_generation_defaults()} if builtin
-                else facts(model_dir).sampling_defaults)
+                else folder_facts.sampling_defaults)
     defaults.update(_sampler_defaults(args, family))
     flags = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                  guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length, fps=args.fps)
-    settings, fps = batch.resolve_settings(flags, defaults, size_multiple(builtin_model_dir() if builtin else model_dir),
+    settings, fps = batch.resolve_settings(flags, defaults, folder_facts.size_multiple if folder_facts else size_multiple(None),
                                            family.min_frames)
     settings.update(_family_options(args, family))
     if args.sampler == "distill":
@@ -285,7 +288,6 @@ def run(args: argparse.Namespace) -> int:
 
         hide_library_progress()
     dtype = resolve_dtype(args.dtype, rt.device)
-    folder = builtin_model_dir() if builtin else model_dir
     embeddings, text_device, text_seconds = None, "pipeline", None
     if folder is not None:  # the prompts first (each distinct text once), then the text encoder is freed
         import time

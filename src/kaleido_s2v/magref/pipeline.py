@@ -9,7 +9,6 @@ branches, the first 4 decoded frames dropped (reference/magref-official.md ยง2-ย
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,20 +67,6 @@ class MagrefPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
         self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial if getattr(self, "vae", None) else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> MagrefPipeline:
-        """`DiffusionPipeline.from_pretrained`; a local folder is resolved and checked first (`model_folder`):
-        a MAGREF release converts with `auto_convert=True` (else the error gives the `convert` command), and a
-        diffusers Wan-I2V folder (`WanImageToVideoPipeline`) loads as it is."""
-        auto_convert = kwargs.pop("auto_convert", False)
-        path = pretrained_model_name_or_path
-        if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-            from ..model_folder import resolve_model_folder
-
-            path = resolve_model_folder(path, "pretrained_model_name_or_path", auto_convert=auto_convert,
-                                        components=None)
-        return super().from_pretrained(path, **kwargs)
-
     # ------------------------------------------------------------------ conditioning
     default_negative_prompt = MAGREF_NEGATIVE_PROMPT  # `encode_prompt` (WanSamplingMixin) uses it
 
@@ -138,8 +123,7 @@ class MagrefPipeline(WanSamplingMixin, DiffusionPipeline, WanLoraLoaderMixin):
                      max_references, layout, callback_on_step_end_tensor_inputs=None, precomputed: bool = False) -> None:
         check_sizes(height, width, num_inference_steps, self.vae_scale_factor_spatial * self.transformer.config.patch_size[1])
         num_refs = len(reference_lists_[0]) if reference_lists_ else 0
-        # with prompt_embeds there is no text to check: "x" stands in for it
-        check_request("x" if prompt is None else prompt, negative_prompt, num_refs, max_references, note=REFERENCE_NOTE)
+        check_request(prompt, negative_prompt, num_refs, max_references, note=REFERENCE_NOTE)
         if num_refs == 0 and not precomputed:
             raise ValueError("`reference_images`: MAGREF needs at least one reference image (or `image_embeds` and "
                              "`condition` from `encode_canvas`)")
