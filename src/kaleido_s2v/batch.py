@@ -340,11 +340,12 @@ def _broadcast_seed(seed: int, device) -> int:
 def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime=None, split: bool = False,
                    negative_prompt: str | None = None, max_references: int | None = None, record: dict | None = None,
                    model: str = "", manifest: Path | None = None, progress: bool = True, announce: bool = False,
-                   embeddings: dict | None = None) -> list[dict]:
+                   embeddings: dict | None = None, callback_on_step_end=None) -> list[dict]:
     """Generate every case (`split`: this rank's share of them) and write video + sidecar; returns one summary
     per video written here. `record`: more settings for the sidecars (memory flags, dtype, ...); `manifest`: where
     rank 0 lists every video of the run; `embeddings`: the cases' texts already encoded (`encode_prompts`), for a
-    pipeline without its text encoder."""
+    pipeline without its text encoder; `callback_on_step_end`: the pipelines' per-step callback (progress; an
+    exception raised there stops the run before that case's video is written)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -379,6 +380,7 @@ def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime
                 generator=torch.Generator("cpu").manual_seed(seed),
                 output_type="np",
                 max_references=max_references or MAX_REFERENCES,
+                callback_on_step_end=callback_on_step_end,
                 **settings,
             ).frames[0]
         seconds = time.perf_counter() - start
