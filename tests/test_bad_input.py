@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -116,6 +117,15 @@ def _eval_cases(w: World, mp) -> None:
 
 def _small_bomb(w: World, mp) -> None:
     mp.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # img.png has 48 x 48 = 2304 > 2 x 500 pixels
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on (an --enhancer-url that cannot connect, without leaving the machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _gen(*args) -> Callable:
@@ -242,6 +252,54 @@ CASES: list[Bad] = [
         "notes.txt"], "--out-dir 'notes.txt' is a file", setup=_write("cases.txt", "a ball@@img.png\n")),
     Bad("b-and-prompt", "--batch with --prompt", lambda w: ["generate", "--batch", "cases.txt", *PROMPT],
         "replaces --prompt/--ref", setup=_write("cases.txt", "a ball@@img.png\n")),
+    # --- generate --enhance-prompt and prompt (docs/prompts.md; more in tests/test_prompts*.py)
+    Bad("g-enh-none", "--enhance-prompt without an enhancer", _gen("--enhance-prompt"), "needs an enhancer"),
+    Bad("g-enh-no-switch", "--enhancer without --enhance-prompt", _gen("--enhancer", "project"),
+        "--enhancer configures --enhance-prompt: add --enhance-prompt"),
+    Bad("g-enh-missing", "an --enhancer folder that does not exist", _gen("--enhance-prompt", "--enhancer", "nope"),
+        "--enhancer 'nope' does not exist"),
+    Bad("g-enh-unrelated", "an --enhancer folder that is not a model", _gen("--enhance-prompt", "--enhancer",
+        "project"), "not a transformers model folder (no config.json), not a chat model"),
+    Bad("g-enh-video-model", "the video model given as --enhancer", lambda w: _gen("--enhance-prompt", "--enhancer",
+        str(w.model))(w), "is a diffusers pipeline folder (a video model), not a chat model"),
+    Bad("g-enh-not-chat", "a text encoder (umT5) given as --enhancer", lambda w: _gen("--enhance-prompt",
+        "--enhancer", str(w.model / "text_encoder"))(w), "holds a umt5, not a chat model"),
+    Bad("g-enh-no-template", "an --enhancer base model without a chat template",
+        _gen("--enhance-prompt", "--enhancer", "lm"), "has no chat template",
+        setup=lambda w, mp: (_write("lm/config.json", '{"model_type": "qwen2"}')(w, mp),
+                             _write("lm/model.safetensors", b"x")(w, mp))),
+    Bad("g-enh-both", "--enhancer with --enhancer-url", _gen("--enhance-prompt", "--enhancer", "project",
+        "--enhancer-url", "http://127.0.0.1:1/v1"), "exclude each other"),
+    Bad("g-enh-model-no-url", "--enhancer-model without --enhancer-url", _gen("--enhance-prompt", "--enhancer",
+        "project", "--enhancer-model", "m"), "add --enhancer-url"),
+    Bad("g-enh-url-no-model", "--enhancer-url without --enhancer-model", _gen("--enhance-prompt", "--enhancer-url",
+        "http://127.0.0.1:1/v1"), "--enhancer-url needs --enhancer-model NAME"),
+    Bad("g-enh-url-scheme", "an --enhancer-url that is not http(s)", _gen("--enhance-prompt", "--enhancer-url",
+        "ftp://host/v1", "--enhancer-model", "m"), "is not an http(s) URL"),
+    Bad("g-enh-url-device", "--enhancer-device with --enhancer-url", _gen("--enhance-prompt", "--enhancer-url",
+        "http://127.0.0.1:1/v1", "--enhancer-model", "m", "--enhancer-device", "cpu"),
+        "--enhancer-device places a local --enhancer model"),
+    Bad("g-enh-unreachable", "an --enhancer-url nothing listens on", lambda w: _gen("--enhance-prompt",
+        "--enhancer-url", f"http://127.0.0.1:{_closed_port()}/v1", "--enhancer-model", "m")(w), "cannot connect",
+        setup=lambda w, mp: mp.setattr("kaleido_s2v.prompts.endpoint.BACKOFF_SECONDS", (0.0,))),
+    Bad("g-enh-seed", "--enhancer-seed -1", _gen("--enhance-prompt", "--enhancer", "project", "--enhancer-seed",
+        "-1"), "--enhancer-seed -1: give an integer"),
+    Bad("g-enh-system", "an --enhancer-system file that does not exist", _gen("--enhance-prompt", "--enhancer-url",
+        "http://127.0.0.1:1/v1", "--enhancer-model", "m", "--enhancer-system", "nope.txt"),
+        "--enhancer-system 'nope.txt' cannot be read"),
+    Bad("g-enh-quirk", "--enhance-prompt with --official-prompt-quirk", _gen("--enhance-prompt", "--enhancer",
+        "project", "--official-prompt-quirk"), "--official-prompt-quirk reproduces the release's samples"),
+    Bad("b-enh-cache-user", "--out-dir holding the user's prompt_cache.json", lambda w: ["generate", "--batch",
+        "cases.txt", "--out-dir", "o", "--enhance-prompt", "--enhancer-url", f"http://127.0.0.1:{_closed_port()}/v1",
+        "--enhancer-model", "m"], "prompt cache 'o/prompt_cache.json' already exists",
+        setup=lambda w, mp: (_write("cases.txt", "a ball@@img.png\n")(w, mp), _write("o/prompt_cache.json", "{}\n")(w, mp))),
+    Bad("p-prompt-empty", "prompt with an empty --prompt", lambda w: ["prompt", "--prompt", " ", "--enhancer",
+        "project"], "--prompt: the prompt is empty"),
+    Bad("p-ref-missing", "prompt with a --ref that does not exist", lambda w: ["prompt", "--prompt", "a fox",
+        "--ref", "nope.png", "--enhancer-url", "http://127.0.0.1:1/v1", "--enhancer-model", "m"],
+        "--ref image 'nope.png' does not exist"),
+    Bad("p-no-enhancer", "prompt without an enhancer", lambda w: ["prompt", "--prompt", "a fox"],
+        "needs an enhancer"),
     # --- convert
     Bad("c-src-missing", "--src that does not exist", lambda w: ["convert", "--src", "nope", "--dst", "out"],
         "no such folder"),
@@ -580,6 +638,7 @@ def _doc_table() -> str:
                 finally:
                     sys.stdout, sys.stderr = real
             message = err.strip().removeprefix(f"{prog}: error: ").replace(str(root), "WORK").replace(str(model), "MODEL").replace(str(magref), "MAGREF")
+            message = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", message)  # a closed port, new each run
             message = message.replace(str(data), "DATA").replace(str(Path(tmp)), "TMP").replace(str(REPO), "REPO").replace("|", "\\|")
             command = prog.replace("python -m kaleido_s2v.toy", "toy").replace("kaleido-s2v ", "")
             rows.append(f"| `{bad.id}` | {command} | {bad.what} | {message if rc == 2 else f'EXIT {rc}: {message}'} |")

@@ -45,6 +45,7 @@ _EXPORTS = {
     "read_video": "kaleido_s2v.video_io",
     "write_video": "kaleido_s2v.video_io",
     "UserInputError": "kaleido_s2v.errors",
+    "enhance_prompt": "kaleido_s2v.prompts",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__", "library_versions"]

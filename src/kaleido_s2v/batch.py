@@ -45,6 +45,8 @@ class Case:
     seed: int | None = None
     negative_prompt: str | None = None
     encoded_prompt: str | None = None  # set with --official-prompt-quirk
+    original_prompt: str | None = None  # the user's prompt, when `prompt` is its rewrite (--enhance-prompt)
+    enhancer: dict | None = None  # what rewrote it (`prompts.Enhancer.record()`)
     source: str = "--prompt"  # "FILE:LINE" for batch cases
     images: list = field(default_factory=list)  # the references, decoded once and fitted (`prepare_case`)
 
@@ -393,6 +395,8 @@ def generate_cases(pipe, cases: list[Case], settings: dict, *, fps: int, runtime
             "made_by": MADE_BY,
             "video": path_text(case.output),
             "prompt": case.prompt,
+            "original_prompt": case.original_prompt,
+            "enhancer": case.enhancer,
             "encoded_prompt": case.encoded_prompt or case.prompt,
             "negative_prompt": negative,
             "negative_prompt_is_default": case.negative_prompt is None,
@@ -423,8 +427,9 @@ def _manifest_row(case: Case, seed: int, negative: str, settings: dict, manifest
     if manifest is None:
         return None
     video = os.path.relpath(case.output, manifest.parent)
+    rewritten = {"original_prompt": case.original_prompt, "enhancer": case.enhancer} if case.enhancer else {}
     return {"id": Path(video).with_suffix("").as_posix(), "video": Path(video).as_posix(), "prompt": case.prompt,
-            "references": [label for label in case.labels if label != DEFAULT_REFERENCE],
+            **rewritten, "references": [label for label in case.labels if label != DEFAULT_REFERENCE],
             "seed": seed, "negative_prompt": negative, "settings": settings, "source": path_text(case.source)}
 
 

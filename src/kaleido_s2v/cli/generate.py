@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from kaleido_s2v.cli.options import add_dtype, add_overwrite, add_quiet
+from kaleido_s2v.cli.options import ENHANCER_FLAGS, add_dtype, add_enhancer_options, add_overwrite, add_quiet
 from kaleido_s2v.errors import UserInputError, check_at_least, check_seed
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  kaleido-s2v generate --model DIR --batch cases.txt --out-dir outs/     # lines: prompt@@img1@@img2\n"
         '  kaleido-s2v generate --model MAGREF-diffusers --prompt "..." --ref a.png --layout grid -o out.mp4\n'
         "  kaleido-s2v evaluate --cases outs/manifest.jsonl --models models.yaml -o scores/   # score the batch\n"
+        '  kaleido-s2v generate --model DIR --prompt "a fox pushes a toy car" --ref fox.png --ref car.png \\\n'
+        "      --enhance-prompt --enhancer Qwen2.5-VL-7B-Instruct     # rewrite the prompt first (docs/prompts.md)\n"
         "  torchrun --nproc_per_node 8 -m kaleido_s2v generate --model DIR ...    # context parallel on 8 GPUs\n"
         "see docs/generate.md for memory recipes (24 GB GPUs) and multi-GPU use."
     )
@@ -96,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--text-encoder-device", choices=("gpu", "cpu"), default="gpu",
                    help="where the prompts are encoded before the transformer loads: gpu (the --device; the text "
                    "encoder is freed afterwards) or cpu (as the releases' --t5_cpu)")
+    add_enhancer_options(parser, "--enhance-prompt")
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_quiet(parser)
 
@@ -206,6 +209,34 @@ def _cases(args, builtin: bool, settings: dict, family):
     return cases, skipped, batch.claim_manifest(out_dir, args.overwrite)
 
 
+def _enhancer(args):
+    """--enhance-prompt's (enhancer, system prompt), checked but not loaded; None without the switch."""
+    if not args.enhance_prompt:
+        given = [f"--{name.replace('_', '-')}" for name in ENHANCER_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise UserInputError(f"{given[0]} configures --enhance-prompt: add --enhance-prompt, or drop it")
+        return None
+    if args.official_prompt_quirk:
+        raise UserInputError("--official-prompt-quirk reproduces the release's samples from their own prompts: drop "
+                             "it, or --enhance-prompt")
+    from kaleido_s2v.cli.options import enhancer_from_args
+
+    return enhancer_from_args(args)
+
+
+def _enhance(args, enhancing, cases, manifest, folder, settings: dict, rt, progress: bool) -> dict:
+    """Every case's prompt rewritten (under torchrun rank 0 asks, every rank gets the captions), the enhancer freed
+    before any part of the video model loads; a batch keeps the captions in <--out-dir>/prompt_cache.json."""
+    from kaleido_s2v import batch
+    from kaleido_s2v.prompts import enhance_cases, tokenizer_counter
+
+    enhancer, system = enhancing
+    return enhance_cases(cases, enhancer, cache_dir=manifest.parent if manifest is not None else None,
+                         made_by=batch.MADE_BY, overwrite=args.overwrite, system=system,
+                         count_tokens=tokenizer_counter(folder), limit=settings["max_sequence_length"],
+                         progress=progress, runtime=rt)
+
+
 def _encode_prompts(folder, cases, settings: dict, negative_prompt: str, device, dtype) -> dict:
     """The cases' texts encoded with the folder's text encoder on `device`, which is then freed (umT5-xxl is 11 GB
     in bf16: off the GPU before the transformer loads, as the releases' `--t5_cpu` and diffusers' recipe)."""
@@ -238,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("--convert needs --model DIR (an official release folder)")
     check_seed(args.seed)
     check_seed(args.layout_seed, "--layout-seed")
+    enhancing = _enhancer(args)
     if args.attention_backend is not None:
         from kaleido_s2v.speed import check_attention_backend
 
@@ -288,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
 
         hide_library_progress()
     dtype = resolve_dtype(args.dtype, rt.device)
+    rewritten = _enhance(args, enhancing, cases, manifest, folder, settings, rt, progress) if enhancing else None
     embeddings, text_device, text_seconds = None, "pipeline", None
     if folder is not None:  # the prompts first (each distinct text once), then the text encoder is freed
         import time
@@ -329,6 +362,7 @@ def run(args: argparse.Namespace) -> int:
     # 3. Generate
     record = {"dtype": str(dtype).removeprefix("torch."), "device": str(rt.device),
               "text_encoder_device": str(text_device), "text_encoder_seconds": text_seconds,
+              "enhancer_seconds": rewritten["seconds"] if rewritten else None,
               "max_references": args.max_references, **memory, **speed}
     ok = False
     calibrating = args.cache == "magcache-calibrate"
@@ -347,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
     if not (split or rt.is_main):
         return 0
     if args.json:
-        print(json.dumps({"videos": results, "skipped": skipped, "model": model_name,
+        print(json.dumps({"videos": results, "skipped": skipped, "model": model_name, "prompts": rewritten,
                           "manifest": path_text(manifest) if manifest else None}, indent=2))
     elif len(cases) > 1 or skipped:
         print(f"wrote {len(results)} videos to {path_text(cases[0].output.parent)}"

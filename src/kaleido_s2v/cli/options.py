@@ -67,3 +67,51 @@ def parse_device(text: str | None, flag: str = "--device"):
         if accelerator is None or not getattr(accelerator, "is_available", lambda: False)():
             raise UserInputError(f"{flag} {text}: no {device.type} device is available here; use cpu or cuda")
     return device
+
+
+ENHANCER_FLAGS = ("enhancer", "enhancer_url", "enhancer_model", "enhancer_text_only", "enhancer_seed",
+                  "enhancer_device", "enhancer_max_tokens", "enhancer_timeout", "enhancer_retries", "enhancer_system")
+
+
+def add_enhancer_options(parser, switch: str | None = None):
+    """The prompt-optimisation flags of `prompt` and `generate` (docs/prompts.md); `switch`: the flag that turns
+    it on (generate's --enhance-prompt), added first. Returns the argument group."""
+    g = parser.add_argument_group("prompt optimisation (docs/prompts.md)")
+    if switch:
+        g.add_argument(switch, action="store_true", help="rewrite each prompt in the long caption style the model "
+                       "was trained on, with a chat model that sees the references, before the video model loads")
+    g.add_argument("--enhancer", metavar="DIR", help="a local transformers chat model folder: a vision-language "
+                   "model (Qwen2.5-VL / Qwen3-VL class; sees the references) or a text-only instruct model")
+    g.add_argument("--enhancer-url", metavar="URL", help="an OpenAI-compatible chat endpoint instead, e.g. "
+                   "http://127.0.0.1:8000/v1 (vLLM, Ollama, GLM-4.5, GPT-5); key from $KALEIDO_ENHANCER_API_KEY")
+    g.add_argument("--enhancer-model", metavar="NAME", help="the model the --enhancer-url server serves")
+    g.add_argument("--enhancer-text-only", action="store_true", default=None, help="show the enhancer the prompt "
+                   "only, not the references (a text-only model behind --enhancer-url, e.g. GLM-4.5)")
+    g.add_argument("--enhancer-seed", type=int, metavar="N", help="sample with this seed (default: greedy / "
+                   "temperature 0: the same prompt gives the same caption)")
+    g.add_argument("--enhancer-device", metavar="DEV", help="where a local --enhancer runs: cuda, cuda:1, cpu "
+                   "(default: cuda when available; bf16 there, fp32 on the CPU; freed before the video model loads)")
+    g.add_argument("--enhancer-max-tokens", type=int, metavar="N", help="longest answer in tokens (default: 400 "
+                   "for a local model; a server's own limit, as reasoning models count their reasoning in it)")
+    g.add_argument("--enhancer-timeout", type=float, metavar="S", help="seconds per --enhancer-url request "
+                   "(default 120)")
+    g.add_argument("--enhancer-retries", type=int, metavar="N", help="retries of a --enhancer-url request on "
+                   "connection errors, timeouts, 429 and 5xx (default 2)")
+    g.add_argument("--enhancer-system", metavar="FILE", help="your own system prompt (default: the shipped "
+                   "kaleido_s2v/data/prompt_system.txt)")
+    return g
+
+
+def enhancer_from_args(args, default_device=None):
+    """(the `prompts.Enhancer` the flags name, checked but not loaded; its system prompt). `default_device`: a
+    local model's device when --enhancer-device is not given (default: CUDA when available)."""
+    from ..prompts import make_enhancer, system_prompt
+
+    device = args.enhancer_device  # for a server: refused by make_enhancer, before it is looked for
+    if args.enhancer_url is None:
+        device = parse_device(device, "--enhancer-device") if device is not None else default_device
+    enhancer = make_enhancer(args.enhancer, args.enhancer_url, args.enhancer_model, device=device,
+                             seed=args.enhancer_seed, max_tokens=args.enhancer_max_tokens,
+                             timeout=args.enhancer_timeout, retries=args.enhancer_retries,
+                             text_only=bool(args.enhancer_text_only))
+    return enhancer, system_prompt(args.enhancer_system)
