@@ -24,10 +24,12 @@ EXIT_INTERRUPTED = 130
 # name -> (module, one-line help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kaleido_s2v.cli.generate", "generate a video from reference images and a prompt"),
+    "prompt": ("kaleido_s2v.cli.prompt", "rewrite a prompt in the training-caption style with a chat model"),
     "convert": ("kaleido_s2v.cli.convert", "convert the official Kaleido / Wan2.1 release to a diffusers folder"),
     "train": ("kaleido_s2v.cli.train", "fine-tune (full or LoRA) on S2V data, one process to many nodes"),
     "curate": ("kaleido_s2v.cli.curate", "build S2V training data from raw videos"),
     "evaluate": ("kaleido_s2v.cli.evaluate", "score generated videos (S2V consistency, decoupling, quality, ...)"),
+    "app": ("kaleido_s2v.cli.app", "serve a local web page (Gradio) and API that generate videos"),
     "info": ("kaleido_s2v.cli.info", "print versions, devices and the available R-RoPE variants"),
 }
 # Libraries whose import runs C++ that calls back into Python (pybind11): a Ctrl-C landing inside it can abort

@@ -1,0 +1,318 @@
+"""The app's model: loaded once at start-up, then one request at a time through the batch runner.
+
+A request goes the way `kaleido-s2v generate --prompt ... --ref ...` goes (`batch.single_case` -> `resolve_settings`
+-> `prepare_case` -> `generate_cases`), so the app checks what the CLI checks, with the same messages, and writes
+the same mp4 + JSON sidecar atomically. Nothing here imports Gradio: `server.py` is the page around it.
+
+The pipeline is loaded *with* its text encoder and encodes each request's prompt itself. The CLI encodes every
+prompt of a run first and frees the encoder before the transformer loads (umT5-xxl is 11 GB); a server takes new
+prompts all the time, so it keeps the encoder (on a small GPU, `--cpu-offload` moves it on and off the device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserInputError, check_at_least, check_seed
+
+MADE_BY = "kaleido-s2v app"  # the output folder's marker (the sidecars are signed by the batch runner)
+APP_CACHE_MODES = ("none", "fbcache", "taylorseer", "magcache")  # magcache-calibrate writes the model folder: CLI
+MEMORY_FLAGS = ("cpu_offload", "group_offload", "vae_tiling", "layerwise_fp8")
+RANDOM_SEED = -1  # the page's and the API's "random"
+MAX_SCALE = 2  # the app refuses sizes / frames beyond this multiple of the model's defaults (a server guard)
+
+
+class Cancelled(Exception):
+    """Raised from the per-step callback when the user pressed Cancel: the run stops before anything is written."""
+
+
+@dataclass
+class AppOptions:
+    """What `kaleido-s2v app` was started with (the model and how it runs; the per-request settings are separate)."""
+
+    model: str | None = None  # None: the built-in model
+    output_dir: Path = Path("kaleido_app_outputs")
+    device: str | None = None
+    dtype: str = "auto"
+    max_references: int | None = None
+    sampler: str = "official"
+    cache: str = "none"
+    attention_backend: str | None = None
+    loras: list[str] = field(default_factory=list)
+    compile: bool = False
+    cpu_offload: bool = False
+    group_offload: bool = False
+    vae_tiling: bool = False
+    layerwise_fp8: bool = False
+
+
+@dataclass
+class Limits:
+    """The ranges the page offers (sliders) and the runner enforces (API calls): the model's rules and MAX_SCALE."""
+
+    size_multiple: int
+    max_height: int
+    max_width: int
+    max_frames: int
+    max_steps: int
+    fixed_steps: int | None  # --cache magcache: calibrated for one step count
+
+
+class CancelBoard:
+    """Per-session cancel flags. The page arms a flag when Generate is clicked (before the request joins the queue),
+    so Cancel reaches a request that is still waiting as well as the one running; API calls get a flag when they
+    start. Cancel sets every flag of its session; a request checks its own between denoising steps."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: dict[str, deque[threading.Event]] = {}
+        self._running: dict[str, threading.Event] = {}
+
+    def arm(self, session: str) -> None:
+        with self._lock:
+            self._waiting.setdefault(session, deque()).append(threading.Event())
+
+    @contextlib.contextmanager
+    def running(self, session: str):
+        with self._lock:
+            waiting = self._waiting.get(session)
+            flag = waiting.popleft() if waiting else threading.Event()
+            if waiting is not None and not waiting:
+                del self._waiting[session]
+            self._running[session] = flag
+        try:
+            yield flag
+        finally:
+            with self._lock:
+                if self._running.get(session) is flag:
+                    del self._running[session]
+
+    def is_running(self, session: str) -> bool:
+        with self._lock:
+            return session in self._running
+
+    def cancel(self, session: str) -> int:
+        """Flag this session's running and waiting requests; how many were flagged."""
+        with self._lock:
+            flags = [*self._waiting.get(session, ()), *([self._running[session]] if session in self._running else [])]
+            for f in flags:
+                f.set()
+            return len(flags)
+
+
+class Runner:
+    """The model of one app: `Runner(options)` checks the options and reads the model folder's facts (cheap, so a
+    bad flag fails before anything loads); `load()` loads the pipeline; `generate(...)` runs one request."""
+
+    def __init__(self, options: AppOptions):
+        from ..builtin import builtin_generation_defaults, builtin_model_description, builtin_model_dir
+        from ..model_folder import KALEIDO, facts, resolve_model_folder, size_multiple
+        from ..speed import check_attention_backend
+
+        self.options = o = options
+        if o.cache not in APP_CACHE_MODES:
+            raise UserInputError(f"--cache {o.cache!r}: the app takes {', '.join(APP_CACHE_MODES)} (calibrate "
+                                 "MagCache once with `kaleido-s2v generate --cache magcache-calibrate`)")
+        check_attention_backend(o.attention_backend)
+        if o.loras:
+            from ..lora_files import parse_lora_spec
+
+            for spec in o.loras:
+                parse_lora_spec(spec)
+        if o.cpu_offload and o.group_offload:
+            raise UserInputError("--cpu-offload and --group-offload exclude each other: pick one")
+        self.builtin = o.model is None
+        model_dir = None if self.builtin else resolve_model_folder(o.model, "--model")
+        self.folder = builtin_model_dir() if self.builtin else model_dir  # None: the random stand-in
+        folder_facts = facts(self.folder) if self.folder is not None else None
+        self.family = KALEIDO if self.builtin else folder_facts.family
+        self.max_references = self.family.max_references if o.max_references is None else o.max_references
+        check_at_least(self.max_references, "--max-references", 1)
+        self.defaults = ({**self.family.defaults, **builtin_generation_defaults()} if self.builtin
+                         else folder_facts.sampling_defaults)
+        self.extra_settings: dict[str, Any] = {}
+        if o.sampler == "distill":  # as `generate --sampler distill`
+            if self.family.name != "kaleido":
+                raise UserInputError(f"--sampler distill is the Wan2.1 T2V distillation grid for Kaleido models: "
+                                     f"drop it for this {self.family.name.upper()} model")
+            from ..release import DISTILL_DEFAULTS, DISTILL_SHIFT
+
+            self.defaults.update(DISTILL_DEFAULTS)
+            self.extra_settings["shift"] = DISTILL_SHIFT
+        elif o.sampler != "official":
+            raise UserInputError(f"--sampler {o.sampler!r}: choose official or distill")
+        self.size_multiple = folder_facts.size_multiple if folder_facts else size_multiple(None)
+        self.mag_ratios = None
+        if o.cache == "magcache":
+            from ..speed import read_magcache_ratios
+
+            fix = "the built-in model ships ratios for its default grid only" if self.builtin else None
+            self.mag_ratios = read_magcache_ratios(self.folder, o.sampler, self.defaults["num_inference_steps"], fix)
+        d = self.defaults
+        m = self.size_multiple
+        self.limits = Limits(size_multiple=m, max_height=max(m, MAX_SCALE * d["height"] // m * m),
+                             max_width=max(m, MAX_SCALE * d["width"] // m * m),
+                             max_frames=MAX_SCALE * (d["num_frames"] - 1) + 1,
+                             max_steps=max(100, MAX_SCALE * d["num_inference_steps"]),
+                             fixed_steps=d["num_inference_steps"] if o.cache == "magcache" else None)
+        self.model_name = builtin_model_description() if self.builtin else str(model_dir.resolve())
+        self.output_dir = Path(o.output_dir)
+        self.pipe = None
+        self.device = None
+        self.record: dict[str, Any] = {}
+        self.cancels = CancelBoard()
+        self._device_lock = threading.Lock()  # one generation on the device, whatever the queue does
+        self._names = threading.Lock()
+        self._counter = itertools.count(1)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def load(self) -> float:
+        """Load the pipeline (with its text encoder) and apply the memory and speed options; returns the seconds."""
+        from ..batch import apply_memory_options
+        from ..cli.options import parse_device
+        from ..speed import apply_speed_options
+        from ..vision.common import resolve_dtype
+
+        start = time.perf_counter()
+        o = self.options
+        device = parse_device(o.device)
+        if (o.cpu_offload or o.group_offload) and device.type == "cpu":
+            raise UserInputError("--cpu-offload/--group-offload move weights to a GPU: they need a CUDA --device")
+        dtype = resolve_dtype(o.dtype, device)
+        if self.builtin:
+            from ..builtin import load_builtin_pipeline
+
+            pipe = load_builtin_pipeline(dtype=dtype)
+        else:
+            from ..model_folder import load_pipeline
+
+            pipe = load_pipeline(self.folder, "--model", dtype=dtype)
+        loras = []
+        if o.loras:  # before offloading, as diffusers recommends
+            from ..lora_files import load_loras
+
+            loras = [{k: r[k] for k in ("file", "scale", "format")} for r in load_loras(pipe, o.loras)]
+        memory = {k: getattr(o, k) for k in MEMORY_FLAGS}
+        apply_memory_options(pipe, device, **memory)
+        apply_speed_options(pipe, cache=o.cache, compile=o.compile, attention_backend=o.attention_backend,
+                            num_inference_steps=self.defaults["num_inference_steps"], mag_ratios=self.mag_ratios)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe, self.device = pipe, device
+        self.record = {"dtype": str(dtype).removeprefix("torch."), "device": str(device),
+                       "text_encoder_device": "pipeline", "max_references": self.max_references, **memory,
+                       "sampler": o.sampler, "loras": loras, "cache": o.cache, "compile": o.compile,
+                       "attention_backend": o.attention_backend or "native", "interface": "app"}
+        return time.perf_counter() - start
+
+    @property
+    def busy(self) -> bool:
+        """Whether a generation holds the device now."""
+        return self._device_lock.locked()
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def check_limits(self, settings: dict) -> None:
+        """The app's own guard on top of the model's rules: a server must not take a request that runs for hours."""
+        lim = self.limits
+        for key, flag, top in (("height", "--height", lim.max_height), ("width", "--width", lim.max_width),
+                               ("num_frames", "--frames", lim.max_frames),
+                               ("num_inference_steps", "--steps", lim.max_steps)):
+            if settings[key] > top:
+                raise UserInputError(f"{flag} {settings[key]}: this app allows at most {top} "
+                                     f"({MAX_SCALE}x the model's default)")
+        if lim.fixed_steps is not None and settings["num_inference_steps"] != lim.fixed_steps:
+            raise UserInputError(f"--steps {settings['num_inference_steps']}: --cache magcache was calibrated for "
+                                 f"{lim.fixed_steps} steps: keep {lim.fixed_steps}")
+
+    def settings(self, *, height=None, width=None, frames=None, steps=None, guidance=None, fps=None
+                 ) -> tuple[dict, int]:
+        """Sampling settings of one request (None: the model's default), checked as the CLI checks its flags."""
+        from ..batch import resolve_settings
+
+        flags = dict(height=height, width=width, num_frames=frames, num_inference_steps=steps,
+                     guidance_scale=guidance, max_sequence_length=None, fps=fps)
+        settings, fps = resolve_settings(flags, self.defaults, self.size_multiple, self.family.min_frames)
+        self.check_limits(settings)
+        settings.update(self.extra_settings)
+        return settings, fps
+
+    def next_output(self) -> Path:
+        """A new video path in the output folder: timestamp + counter, never an existing name."""
+        with self._names:
+            while True:
+                path = self.output_dir / f"kaleido_{time.strftime('%Y%m%d-%H%M%S')}_{next(self._counter):04d}.mp4"
+                if not path.exists() and not path.with_suffix(".json").exists():
+                    return path
+
+    def preview(self, references: list, height=None, width=None) -> list:
+        """The references as the model will see them: fitted and padded to the video size (Kaleido), or composed on
+        MAGREF's canvas; the built-in model's default reference when none is given."""
+        from ..references import fit_reference, load_reference
+
+        h = height or self.defaults["height"]
+        w = width or self.defaults["width"]
+        if not references and self.builtin:
+            from ..builtin import default_reference_image
+
+            references = [default_reference_image()]
+        names = [f"--ref image {j + 1}" if len(references) > 1 else "--ref image" for j in range(len(references))]
+        images = [load_reference(r, n) for r, n in zip(references, names)]
+        if self.family.fits_references:
+            return [fit_reference(im, h, w) for im in images]
+        from ..magref.canvas import compose_references
+
+        return [compose_references(images, "release", None, h, w)[0]] if images else []
+
+    def generate(self, prompt: str, references: list, *, seed: int | None = None, negative_prompt: str | None = None,
+                 labels: list[str] | None = None, settings: dict | None = None, on_step=None,
+                 cancel: threading.Event | None = None) -> dict:
+        """One video: the batch runner's case from these inputs, written into the output folder; returns its
+        summary (`video`, `sidecar`, `seed`, `seconds`). `seed` None or RANDOM_SEED: random (the sidecar has the one
+        used); `labels`: how the references are recorded (e.g. the uploaded file names); `settings`: keyword
+        arguments of `settings()`; `on_step(done, total)`: after each denoising step; `cancel`: set it to stop
+        between steps (raises `Cancelled`, nothing written)."""
+        from .. import batch
+
+        seed = None if seed is None or seed == RANDOM_SEED else check_seed(seed)
+        settings, fps = self.settings(**(settings or {}))
+        case = batch.single_case(prompt, references, self.next_output(), seed=seed,
+                                 negative_prompt=negative_prompt or None)
+        if labels is not None:
+            case.labels = list(labels)
+        batch.prepare_case(case, settings, max_references=self.max_references, builtin=self.builtin,
+                           family=self.family)
+        if self.pipe is None:  # after the checks: they need no model
+            raise RuntimeError("Runner.load() first")
+        total = settings["num_inference_steps"]
+
+        def step_end(pipe, step, timestep, callback_kwargs):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled after step {step + 1} of {total}: nothing was written")
+            if on_step is not None:
+                on_step(step + 1, total)
+            return callback_kwargs
+
+        with self._device_lock:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled before it started: nothing was generated")
+            try:
+                [result] = batch.generate_cases(self.pipe, [case], settings, fps=fps,
+                                                negative_prompt=self.defaults["negative_prompt"],
+                                                max_references=self.max_references, record=self.record,
+                                                model=self.model_name, progress=False, runtime=self._runtime(),
+                                                callback_on_step_end=step_end)
+            except BaseException:
+                self.pipe.maybe_free_model_hooks()  # what a finished call does last: offload, reset cache state
+                raise
+        return result
+
+    def _runtime(self):
+        from ..distributed import Runtime
+
+        return Runtime(device=self.device)
