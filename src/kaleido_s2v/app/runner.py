@@ -24,7 +24,6 @@ from ..errors import UserInputError, check_at_least, check_seed
 
 MADE_BY = "kaleido-s2v app"  # the output folder's marker (the sidecars are signed by the batch runner)
 APP_CACHE_MODES = ("none", "fbcache", "taylorseer", "magcache")  # magcache-calibrate writes the model folder: CLI
-MEMORY_FLAGS = ("cpu_offload", "group_offload", "vae_tiling", "layerwise_fp8")
 RANDOM_SEED = -1  # the page's and the API's "random"
 MAX_SCALE = 2  # the app refuses sizes / frames beyond this multiple of the model's defaults (a server guard)
 
@@ -112,49 +111,25 @@ class Runner:
     bad flag fails before anything loads); `load()` loads the pipeline; `generate(...)` runs one request."""
 
     def __init__(self, options: AppOptions):
-        from ..builtin import builtin_generation_defaults, builtin_model_description, builtin_model_dir
-        from ..model_folder import KALEIDO, facts, resolve_model_folder, size_multiple
-        from ..speed import check_attention_backend
+        from ..cli.options import parse_device
+        from ..generation import check_run_options, choose_model, magcache_ratios
 
         self.options = o = options
         if o.cache not in APP_CACHE_MODES:
             raise UserInputError(f"--cache {o.cache!r}: the app takes {', '.join(APP_CACHE_MODES)} (calibrate "
                                  "MagCache once with `kaleido-s2v generate --cache magcache-calibrate`)")
-        check_attention_backend(o.attention_backend)
-        if o.loras:
-            from ..lora_files import parse_lora_spec
-
-            for spec in o.loras:
-                parse_lora_spec(spec)
-        if o.cpu_offload and o.group_offload:
-            raise UserInputError("--cpu-offload and --group-offload exclude each other: pick one")
-        self.builtin = o.model is None
-        model_dir = None if self.builtin else resolve_model_folder(o.model, "--model")
-        self.folder = builtin_model_dir() if self.builtin else model_dir  # None: the random stand-in
-        folder_facts = facts(self.folder) if self.folder is not None else None
-        self.family = KALEIDO if self.builtin else folder_facts.family
+        self.device = parse_device(o.device)
+        check_run_options(self.device, cpu_offload=o.cpu_offload, group_offload=o.group_offload,
+                          attention_backend=o.attention_backend, loras=o.loras)
+        self.model = choose_model(o.model, o.sampler)  # as `generate`: the same defaults, the same sampler
+        self.builtin, self.folder, self.family = self.model.builtin, self.model.folder, self.model.family
         self.max_references = self.family.max_references if o.max_references is None else o.max_references
         check_at_least(self.max_references, "--max-references", 1)
-        self.defaults = ({**self.family.defaults, **builtin_generation_defaults()} if self.builtin
-                         else folder_facts.sampling_defaults)
-        self.extra_settings: dict[str, Any] = {}
-        if o.sampler == "distill":  # as `generate --sampler distill`
-            if self.family.name != "kaleido":
-                raise UserInputError(f"--sampler distill is the Wan2.1 T2V distillation grid for Kaleido models: "
-                                     f"drop it for this {self.family.name.upper()} model")
-            from ..release import DISTILL_DEFAULTS, DISTILL_SHIFT
-
-            self.defaults.update(DISTILL_DEFAULTS)
-            self.extra_settings["shift"] = DISTILL_SHIFT
-        elif o.sampler != "official":
-            raise UserInputError(f"--sampler {o.sampler!r}: choose official or distill")
-        self.size_multiple = folder_facts.size_multiple if folder_facts else size_multiple(None)
-        self.mag_ratios = None
-        if o.cache == "magcache":
-            from ..speed import read_magcache_ratios
-
-            fix = "the built-in model ships ratios for its default grid only" if self.builtin else None
-            self.mag_ratios = read_magcache_ratios(self.folder, o.sampler, self.defaults["num_inference_steps"], fix)
+        self.defaults = self.model.defaults
+        self.extra_settings: dict[str, Any] = dict(self.model.pipeline_options)
+        self.size_multiple = self.model.size_multiple
+        self.mag_ratios = (magcache_ratios(self.model, self.defaults["num_inference_steps"]) if o.cache == "magcache"
+                           else None)
         d = self.defaults
         m = self.size_multiple
         self.limits = Limits(size_multiple=m, max_height=max(m, MAX_SCALE * d["height"] // m * m),
@@ -162,10 +137,9 @@ class Runner:
                              max_frames=MAX_SCALE * (d["num_frames"] - 1) + 1,
                              max_steps=max(100, MAX_SCALE * d["num_inference_steps"]),
                              fixed_steps=d["num_inference_steps"] if o.cache == "magcache" else None)
-        self.model_name = builtin_model_description() if self.builtin else str(model_dir.resolve())
+        self.model_name = self.model.name
         self.output_dir = Path(o.output_dir)
         self.pipe = None
-        self.device = None
         self.record: dict[str, Any] = {}
         self.cancels = CancelBoard()
         self._device_lock = threading.Lock()  # one generation on the device, whatever the queue does
@@ -175,40 +149,20 @@ class Runner:
     # ------------------------------------------------------------------------------------------------ loading
     def load(self) -> float:
         """Load the pipeline (with its text encoder) and apply the memory and speed options; returns the seconds."""
-        from ..batch import apply_memory_options
-        from ..cli.options import parse_device
-        from ..speed import apply_speed_options
+        from ..generation import MEMORY_FLAGS, load_generation_pipeline
         from ..vision.common import resolve_dtype
 
         start = time.perf_counter()
         o = self.options
-        device = parse_device(o.device)
-        if (o.cpu_offload or o.group_offload) and device.type == "cpu":
-            raise UserInputError("--cpu-offload/--group-offload move weights to a GPU: they need a CUDA --device")
-        dtype = resolve_dtype(o.dtype, device)
-        if self.builtin:
-            from ..builtin import load_builtin_pipeline
-
-            pipe = load_builtin_pipeline(dtype=dtype)
-        else:
-            from ..model_folder import load_pipeline
-
-            pipe = load_pipeline(self.folder, "--model", dtype=dtype)
-        loras = []
-        if o.loras:  # before offloading, as diffusers recommends
-            from ..lora_files import load_loras
-
-            loras = [{k: r[k] for k in ("file", "scale", "format")} for r in load_loras(pipe, o.loras)]
-        memory = {k: getattr(o, k) for k in MEMORY_FLAGS}
-        apply_memory_options(pipe, device, **memory)
-        apply_speed_options(pipe, cache=o.cache, compile=o.compile, attention_backend=o.attention_backend,
-                            num_inference_steps=self.defaults["num_inference_steps"], mag_ratios=self.mag_ratios)
+        dtype = resolve_dtype(o.dtype, self.device)
+        pipe, loaded = load_generation_pipeline(
+            self.model, self.device, dtype, loras=o.loras, memory={k: getattr(o, k) for k in MEMORY_FLAGS},
+            cache=o.cache, compile=o.compile, attention_backend=o.attention_backend,
+            num_inference_steps=self.defaults["num_inference_steps"], mag_ratios=self.mag_ratios)
         pipe.set_progress_bar_config(disable=True)
-        self.pipe, self.device = pipe, device
-        self.record = {"dtype": str(dtype).removeprefix("torch."), "device": str(device),
-                       "text_encoder_device": "pipeline", "max_references": self.max_references, **memory,
-                       "sampler": o.sampler, "loras": loras, "cache": o.cache, "compile": o.compile,
-                       "attention_backend": o.attention_backend or "native", "interface": "app"}
+        self.pipe = pipe
+        self.record = {**loaded, "text_encoder_device": "pipeline", "max_references": self.max_references,
+                       "interface": "app"}
         return time.perf_counter() - start
 
     @property

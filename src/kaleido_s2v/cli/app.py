@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from kaleido_s2v.cli.options import add_dtype, add_overwrite, add_quiet
+from kaleido_s2v.cli.options import add_dtype, add_memory_options, add_overwrite, add_quiet
 from kaleido_s2v.errors import UserInputError
 
 DEFAULT_OUTPUT_DIR = "kaleido_app_outputs"
@@ -46,10 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     add_dtype(m, ("auto", "bf16", "fp16", "fp32"), "auto", "auto: bf16 on CUDA, fp32 on CPU")
     m.add_argument("--max-references", type=int, help="refuse more references than this (default: the model's)")
-    m.add_argument("--cpu-offload", action="store_true", help="model CPU offload (whole components move to GPU)")
-    m.add_argument("--group-offload", action="store_true", help="block-level group offload (lowest GPU memory)")
-    m.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles")
-    m.add_argument("--layerwise-fp8", action="store_true", help="store transformer weights in fp8, compute in bf16")
+    add_memory_options(m)
     f = parser.add_argument_group("speed (as `generate`; applied once, for every request)")
     f.add_argument("--sampler", choices=("official", "distill"), default="official",
                    help="distill: the 4-step grid of Wan2.1 distillation LoRAs (with --lora)")

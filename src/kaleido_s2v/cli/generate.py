@@ -12,11 +12,17 @@ import json
 import sys
 from pathlib import Path
 
-from kaleido_s2v.cli.options import ENHANCER_FLAGS, add_dtype, add_enhancer_options, add_overwrite, add_quiet
+from kaleido_s2v.cli.options import (
+    ENHANCER_FLAGS,
+    add_dtype,
+    add_enhancer_options,
+    add_memory_options,
+    add_overwrite,
+    add_quiet,
+)
 from kaleido_s2v.errors import UserInputError, check_at_least, check_seed
 
 DTYPES = ("bf16", "fp16", "fp32")
-MEMORY_FLAGS = ("cpu_offload", "group_offload", "vae_tiling", "layerwise_fp8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,10 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = parser.add_argument_group("device and memory")
     d.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     add_dtype(d, ("auto", *DTYPES), "auto", "auto: bf16 on CUDA, fp32 on CPU")
-    d.add_argument("--cpu-offload", action="store_true", help="model CPU offload (whole components move to GPU)")
-    d.add_argument("--group-offload", action="store_true", help="block-level group offload (lowest GPU memory)")
-    d.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles")
-    d.add_argument("--layerwise-fp8", action="store_true", help="store transformer weights in fp8, compute in bf16")
+    add_memory_options(d)
     f = parser.add_argument_group("speed (docs/generate.md#speed)")
     f.add_argument("--sampler", choices=("official", "distill"), default="official",
                    help="official (the release's grid) or distill: 4 steps, shift 5, no CFG, as Wan2.1 step-"
@@ -103,23 +106,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_quiet(parser)
 
 
-def _magcache(args, builtin: bool, model_dir, steps: int) -> list[float] | None:
+def _magcache(args, model, steps: int) -> list[float] | None:
     """MagCache's ratios for this run (`--cache magcache`), or the check that a calibration may be written."""
-    from kaleido_s2v import speed
-
     if args.cache == "magcache":
-        from kaleido_s2v.builtin import builtin_model_dir
+        from kaleido_s2v.generation import magcache_ratios
 
-        fix = "the built-in model ships ratios for its default grid only (the official sampler, its default --steps)"
-        return speed.read_magcache_ratios(builtin_model_dir() if builtin else model_dir, args.sampler, steps,
-                                          fix if builtin else None)
+        return magcache_ratios(model, steps)
     if args.cache == "magcache-calibrate":
-        if builtin:
+        if model.builtin:
             raise UserInputError("--cache magcache-calibrate stores the ratios in the model folder: give --model DIR "
                                  "(the built-in model's folder is part of the package)")
+        from kaleido_s2v import speed
         from kaleido_s2v.fileio import claim_file
 
-        claim_file(model_dir / speed.CALIBRATION_FILE, "--cache magcache-calibrate", overwrite=args.overwrite,
+        claim_file(model.model_dir / speed.CALIBRATION_FILE, "--cache magcache-calibrate", overwrite=args.overwrite,
                    made_by=speed.MADE_BY)
     return None
 
@@ -145,18 +145,6 @@ def _store_calibration(model_dir, args, steps: int, captured: list[list[float]])
     path = write_magcache_ratios(model_dir, args.sampler, steps, list(np.mean(lists, axis=0)), args.overwrite)
     print(f"stored MagCache ratios for {steps} steps of the {args.sampler} sampler in {path_text(path)}",
           file=sys.stderr)
-
-
-def _sampler_defaults(args, family) -> dict:
-    """--sampler distill's steps and guidance (flags still override them); Kaleido models only for now."""
-    if args.sampler == "official":
-        return {}
-    if family.name != "kaleido":
-        raise UserInputError(f"--sampler distill is the Wan2.1 T2V distillation grid for Kaleido models: drop it for "
-                             f"this {family.name.upper()} model")
-    from kaleido_s2v.release import DISTILL_DEFAULTS
-
-    return dict(DISTILL_DEFAULTS)
 
 
 def _family_options(args, family) -> dict:
@@ -258,130 +246,90 @@ def _encode_prompts(folder, cases, settings: dict, negative_prompt: str, device,
 
 def run(args: argparse.Namespace) -> int:
     from kaleido_s2v import batch
-    from kaleido_s2v.builtin import builtin_generation_defaults, builtin_model_description, builtin_model_dir
     from kaleido_s2v.cli import EXIT_SKIPPED
     from kaleido_s2v.cli.options import parse_device
     from kaleido_s2v.fileio import path_text
-    from kaleido_s2v.model_folder import KALEIDO, facts, resolve_model_folder, size_multiple
+    from kaleido_s2v.generation import MEMORY_FLAGS, check_run_options, choose_model, load_generation_pipeline
 
-    builtin = args.model is None
-    if builtin and args.convert:
+    if args.model is None and args.convert:
         raise UserInputError("--convert needs --model DIR (an official release folder)")
     check_seed(args.seed)
     check_seed(args.layout_seed, "--layout-seed")
     enhancing = _enhancer(args)
-    if args.attention_backend is not None:
-        from kaleido_s2v.speed import check_attention_backend
-
-        check_attention_backend(args.attention_backend)
-    if args.lora:
-        from kaleido_s2v.lora_files import parse_lora_spec
-
-        for spec in args.lora:
-            parse_lora_spec(spec)
-    if args.cpu_offload and args.group_offload:
-        raise UserInputError("--cpu-offload and --group-offload exclude each other: pick one")
     device = parse_device(args.device)
-    if (args.cpu_offload or args.group_offload) and device.type == "cpu":
-        raise UserInputError("--cpu-offload/--group-offload move weights to a GPU: they need a CUDA --device")
-    model_dir = None if builtin else resolve_model_folder(args.model, "--model", auto_convert=args.convert)
-    folder = builtin_model_dir() if builtin else model_dir  # None: no shipped weights (the random stand-in)
-    folder_facts = facts(folder) if folder is not None else None  # its configs, read once
-    family = KALEIDO if builtin else folder_facts.family
+    memory = {k: getattr(args, k) for k in MEMORY_FLAGS}
+    check_run_options(device, cpu_offload=args.cpu_offload, group_offload=args.group_offload,
+                      attention_backend=args.attention_backend, loras=args.lora)
+    model = choose_model(args.model, args.sampler, convert=args.convert)
+    family = model.family
     if args.max_references is None:
         args.max_references = family.max_references
     check_at_least(args.max_references, "--max-references", 1)
 
     # 1. Settings (flags > the sampler's > the model's generation_defaults.json > its family release's), all checked
-    defaults = ({**family.defaults, **builtin_generation_defaults()} if builtin
-                else folder_facts.sampling_defaults)
-    defaults.update(_sampler_defaults(args, family))
     flags = dict(height=args.height, width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                  guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length, fps=args.fps)
-    settings, fps = batch.resolve_settings(flags, defaults, folder_facts.size_multiple if folder_facts else size_multiple(None),
-                                           family.min_frames)
+    settings, fps = batch.resolve_settings(flags, model.defaults, model.size_multiple, family.min_frames)
     settings.update(_family_options(args, family))
-    if args.sampler == "distill":
-        from kaleido_s2v.release import DISTILL_SHIFT
-
-        settings["shift"] = DISTILL_SHIFT
-    mag_ratios = _magcache(args, builtin, model_dir, settings["num_inference_steps"])
-    cases, skipped, manifest = _cases(args, builtin, settings, family)
+    settings.update(model.pipeline_options)
+    mag_ratios = _magcache(args, model, settings["num_inference_steps"])
+    cases, skipped, manifest = _cases(args, model.builtin, settings, family)
 
     # 2. Processes, device, model
     from kaleido_s2v.distributed import enable_context_parallel, init_runtime, shutdown
     from kaleido_s2v.vision.common import resolve_dtype
 
     rt = init_runtime(device)
-    split = args.split_cases and args.batch is not None and rt.distributed
-    progress = (split or rt.is_main) and not args.quiet
-    if not progress:
-        from kaleido_s2v.cli.options import hide_library_progress
-
-        hide_library_progress()
-    dtype = resolve_dtype(args.dtype, rt.device)
-    rewritten = _enhance(args, enhancing, cases, manifest, folder, settings, rt, progress) if enhancing else None
-    embeddings, text_device, text_seconds = None, "pipeline", None
-    if folder is not None:  # the prompts first (each distinct text once), then the text encoder is freed
-        import time
-
-        import torch
-
-        text_device = torch.device("cpu") if args.text_encoder_device == "cpu" else rt.device
-        start = time.perf_counter()
-        embeddings = _encode_prompts(folder, batch.cases_of_rank(cases, rt, split), settings,
-                                     defaults["negative_prompt"], text_device, dtype)
-        text_seconds = round(time.perf_counter() - start, 3)
-    if folder is None:  # no shipped weights: the random stand-in, with its own text encoder
-        from kaleido_s2v.builtin import load_builtin_pipeline
-
-        pipe = load_builtin_pipeline(dtype=dtype)
-    else:
-        from kaleido_s2v.model_folder import load_pipeline
-
-        pipe = load_pipeline(folder, "the built-in model" if builtin else "--model", dtype=dtype, text_encoder=None,
-                             tokenizer=None)
-    model_name = builtin_model_description() if builtin else path_text(model_dir.resolve())
-    loras = []
-    if args.lora:  # before offloading and fp8 storage, as diffusers recommends
-        from kaleido_s2v.lora_files import load_loras
-
-        loras = [{k: r[k] for k in ("file", "scale", "format")} for r in load_loras(pipe, args.lora)]
-    memory = {k: getattr(args, k) for k in MEMORY_FLAGS}
-    batch.apply_memory_options(pipe, rt.device, **memory)
-    from kaleido_s2v.speed import apply_speed_options
-
-    speed = {"sampler": args.sampler, "loras": loras, "cache": args.cache, "compile": args.compile,
-             "attention_backend": args.attention_backend or "native"}
-    apply_speed_options(pipe, cache=args.cache, compile=args.compile, attention_backend=args.attention_backend,
-                        num_inference_steps=settings["num_inference_steps"], mag_ratios=mag_ratios)
-    if not split:
-        enable_context_parallel(pipe.transformer, rt)
-    pipe.set_progress_bar_config(disable=not progress, leave=False)
-
-    # 3. Generate
-    record = {"dtype": str(dtype).removeprefix("torch."), "device": str(rt.device),
-              "text_encoder_device": str(text_device), "text_encoder_seconds": text_seconds,
-              "enhancer_seconds": rewritten["seconds"] if rewritten else None,
-              "max_references": args.max_references, **memory, **speed}
     ok = False
-    calibrating = args.cache == "magcache-calibrate"
     try:
+        split = args.split_cases and args.batch is not None and rt.distributed
+        progress = (split or rt.is_main) and not args.quiet
+        if not progress:
+            from kaleido_s2v.cli.options import hide_library_progress
+
+            hide_library_progress()
+        dtype = resolve_dtype(args.dtype, rt.device)
+        rewritten = (_enhance(args, enhancing, cases, manifest, model.folder, settings, rt, progress) if enhancing
+                     else None)
+        embeddings, text_device, text_seconds = None, "pipeline", None
+        if model.folder is not None:  # the prompts first (each distinct text once), then the text encoder is freed
+            import time
+
+            import torch
+
+            text_device = torch.device("cpu") if args.text_encoder_device == "cpu" else rt.device
+            start = time.perf_counter()
+            embeddings = _encode_prompts(model.folder, batch.cases_of_rank(cases, rt, split), settings,
+                                         model.defaults["negative_prompt"], text_device, dtype)
+            text_seconds = round(time.perf_counter() - start, 3)
+        pipe, loaded = load_generation_pipeline(
+            model, rt.device, dtype, text_encoder=False, loras=args.lora, memory=memory,
+            cache=args.cache, compile=args.compile, attention_backend=args.attention_backend,
+            num_inference_steps=settings["num_inference_steps"], mag_ratios=mag_ratios)
+        if not split:
+            enable_context_parallel(pipe.transformer, rt)
+        pipe.set_progress_bar_config(disable=not progress, leave=False)
+
+        # 3. Generate
+        record = {**loaded, "text_encoder_device": str(text_device), "text_encoder_seconds": text_seconds,
+                  "enhancer_seconds": rewritten["seconds"] if rewritten else None,
+                  "max_references": args.max_references}
+        calibrating = args.cache == "magcache-calibrate"
         with _capturing(calibrating) as captured:
             results = batch.generate_cases(pipe, cases, settings, fps=fps, runtime=rt, split=split,
-                                           negative_prompt=defaults["negative_prompt"],
-                                           max_references=args.max_references, record=record, model=model_name,
+                                           negative_prompt=model.defaults["negative_prompt"],
+                                           max_references=args.max_references, record=record, model=model.name,
                                            manifest=manifest, progress=progress,
                                            announce=not args.json, embeddings=embeddings)
         if calibrating and rt.is_main:
-            _store_calibration(model_dir, args, settings["num_inference_steps"], captured)
+            _store_calibration(model.model_dir, args, settings["num_inference_steps"], captured)
         ok = True
     finally:
         shutdown(barrier=ok)
     if not (split or rt.is_main):
         return 0
     if args.json:
-        print(json.dumps({"videos": results, "skipped": skipped, "model": model_name, "prompts": rewritten,
+        print(json.dumps({"videos": results, "skipped": skipped, "model": model.name, "prompts": rewritten,
                           "manifest": path_text(manifest) if manifest else None}, indent=2))
     elif len(cases) > 1 or skipped:
         print(f"wrote {len(results)} videos to {path_text(cases[0].output.parent)}"

@@ -69,6 +69,15 @@ def parse_device(text: str | None, flag: str = "--device"):
     return device
 
 
+def add_memory_options(group) -> None:
+    """The memory flags of every command that loads a video model (`generation.MEMORY_FLAGS`, docs/generate.md)."""
+    group.add_argument("--cpu-offload", action="store_true", help="model CPU offload (whole components move to GPU)")
+    group.add_argument("--group-offload", action="store_true", help="block-level group offload (lowest GPU memory)")
+    group.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles")
+    group.add_argument("--layerwise-fp8", action="store_true",
+                       help="store transformer weights in fp8, compute in bf16")
+
+
 ENHANCER_FLAGS = ("enhancer", "enhancer_url", "enhancer_model", "enhancer_text_only", "enhancer_seed",
                   "enhancer_device", "enhancer_max_tokens", "enhancer_timeout", "enhancer_retries", "enhancer_system")
 
