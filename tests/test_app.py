@@ -209,7 +209,7 @@ def test_the_api_is_the_generate_endpoint_only(client):
     assert list(api["named_endpoints"]) == ["/generate"] and not api["unnamed_endpoints"]
     names = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
     assert names == ["prompt", "references", "seed", "negative_prompt", "height", "width", "frames", "steps",
-                     "guidance", "fps"]
+                     "guidance", "fps", "enhance_prompt"]
 
 
 def test_nothing_but_the_local_server_was_contacted(app):  # last of the server tests: all of them ran by now
@@ -251,6 +251,29 @@ def test_start_up_options_are_checked_before_loading(tmp_path):
                            (dict(cpu_offload=True, group_offload=True), "exclude each other")):
         with pytest.raises(UserInputError, match=words):
             Runner(AppOptions(output_dir=tmp_path, **options))
+
+
+def test_enhance_prompt_rewrites_with_the_apps_enhancer_and_records_both(tmp_path):
+    from kaleido_s2v.prompts import make_enhancer
+    from tests.test_prompts import ChatServer
+
+    caption = "The red striped circle slides to the left across a sandy floor."
+    server = ChatServer()
+    server.reply = server.answer(f"Caption: {caption}")
+    try:
+        with pytest.raises(UserInputError, match="started without an enhancer"):
+            Runner(AppOptions(output_dir=tmp_path)).generate(PROMPT, [], enhance=True)
+        runner = Runner(AppOptions(output_dir=tmp_path, enhancer=make_enhancer(url=server.url, model="test")))
+        runner.load()
+        result = runner.generate("a circle moves left", [str(EXAMPLES / "red_striped_circle.png")], seed=0,
+                                 settings=SMALL, enhance=True)
+    finally:
+        server.close()
+    sidecar = json.loads(Path(result["sidecar"]).read_text())
+    assert sidecar["prompt"] == caption and sidecar["original_prompt"] == "a circle moves left"
+    assert sidecar["enhancer"]["url"] == server.url + "/chat/completions" and len(server.requests) == 1
+    [image_part] = [p for p in server.requests[0]["messages"][1]["content"] if p["type"] == "image_url"]
+    assert image_part["image_url"]["url"].startswith("data:image/png;base64,")  # the enhancer saw the reference
 
 
 def test_cancel_board_reaches_waiting_and_running_requests():
@@ -295,6 +318,7 @@ def test_cli_port_in_use_is_one_line_exit_2(tmp_path, capsys):
     (["--port", "70000"], "--port 70000"),
     (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid'"),
     (["--model", "/no/such/model"], "--model"),
+    (["--enhancer-model", "x"], "--enhancer-model names the model a server serves"),
     (["--steps", "3"], None),  # argparse: a per-request setting, not a flag of the app
 ])
 def test_cli_bad_flags_are_one_line_exit_2(tmp_path, capsys, flags, words):

@@ -50,6 +50,8 @@ class AppOptions:
     group_offload: bool = False
     vae_tiling: bool = False
     layerwise_fp8: bool = False
+    enhancer: Any = None  # a `prompts.Enhancer` (--enhancer / --enhancer-url): the page offers "Enhance the prompt"
+    enhancer_system: str | None = None  # its system prompt (None: the shipped one)
 
 
 @dataclass
@@ -140,6 +142,7 @@ class Runner:
         self.model_name = self.model.name
         self.output_dir = Path(o.output_dir)
         self.pipe = None
+        self._count_tokens = None  # the video model's tokenizer, counting an enhanced prompt's tokens
         self.record: dict[str, Any] = {}
         self.cancels = CancelBoard()
         self._device_lock = threading.Lock()  # one generation on the device, whatever the queue does
@@ -225,14 +228,18 @@ class Runner:
 
     def generate(self, prompt: str, references: list, *, seed: int | None = None, negative_prompt: str | None = None,
                  labels: list[str] | None = None, settings: dict | None = None, on_step=None,
-                 cancel: threading.Event | None = None) -> dict:
+                 cancel: threading.Event | None = None, enhance: bool = False) -> dict:
         """One video: the batch runner's case from these inputs, written into the output folder; returns its
         summary (`video`, `sidecar`, `seed`, `seconds`). `seed` None or RANDOM_SEED: random (the sidecar has the one
         used); `labels`: how the references are recorded (e.g. the uploaded file names); `settings`: keyword
         arguments of `settings()`; `on_step(done, total)`: after each denoising step; `cancel`: set it to stop
-        between steps (raises `Cancelled`, nothing written)."""
+        between steps (raises `Cancelled`, nothing written); `enhance`: rewrite the prompt first with the app's
+        enhancer (a local one is loaded for the request and freed before the video model runs)."""
         from .. import batch
 
+        if enhance and self.options.enhancer is None:
+            raise UserInputError("--enhance-prompt: this app was started without an enhancer: restart it with "
+                                 "--enhancer DIR or --enhancer-url URL --enhancer-model NAME")
         seed = None if seed is None or seed == RANDOM_SEED else check_seed(seed)
         settings, fps = self.settings(**(settings or {}))
         case = batch.single_case(prompt, references, self.next_output(), seed=seed,
@@ -255,6 +262,13 @@ class Runner:
         with self._device_lock:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled before it started: nothing was generated")
+            if enhance:  # on the device too: inside the lock
+                from ..prompts import enhance_cases, tokenizer_counter
+
+                if self._count_tokens is None:
+                    self._count_tokens = tokenizer_counter(self.folder)
+                enhance_cases([case], self.options.enhancer, system=self.options.enhancer_system,
+                              count_tokens=self._count_tokens, limit=settings["max_sequence_length"], progress=False)
             try:
                 [result] = batch.generate_cases(self.pipe, [case], settings, fps=fps,
                                                 negative_prompt=self.defaults["negative_prompt"],

@@ -104,6 +104,10 @@ def build_demo(runner: Runner, *, examples: bool = True) -> gr.Blocks:
                 negative = gr.Textbox("", label="Negative prompt", placeholder="the model's default", elem_id="negative")
                 seed = gr.Number(label="Seed", value=RANDOM_SEED, precision=0, elem_id="seed",
                                  info=f"{RANDOM_SEED}: random (the seed used is shown with the video)")
+                enhance = gr.Checkbox(False, label="Enhance the prompt first", elem_id="enhance",
+                                      visible=runner.options.enhancer is not None,
+                                      info="rewritten in the model's long caption style by the app's enhancer, which "
+                                      "sees the references (docs/prompts.md); the sidecar keeps both prompts")
                 with gr.Accordion("Advanced", open=False):
                     with gr.Row():
                         height = gr.Slider(m, lim.max_height, value=d["height"], step=m, label="Height")
@@ -154,8 +158,8 @@ def build_demo(runner: Runner, *, examples: bool = True) -> gr.Blocks:
         async def generate(prompt: str, references: list[str] | None, seed: int = RANDOM_SEED,
                            negative_prompt: str = "", height: int = d["height"], width: int = d["width"],
                            frames: int = d["num_frames"], steps: int = d["num_inference_steps"],
-                           guidance: float = d["guidance_scale"], fps: int = d["fps"], request: gr.Request = None,
-                           progress=gr.Progress()):
+                           guidance: float = d["guidance_scale"], fps: int = d["fps"], enhance_prompt: bool = False,
+                           request: gr.Request = None, progress=gr.Progress()):
             """One video from reference images and a prompt; returns (video mp4, sidecar JSON). seed -1: random."""
             paths = _paths(references)
             progress(0, desc="Preparing the references")
@@ -168,6 +172,7 @@ def build_demo(runner: Runner, *, examples: bool = True) -> gr.Blocks:
                     return runner.generate(
                         prompt or "", paths, seed=_int(seed, "Seed"), negative_prompt=negative_prompt or None,
                         labels=[Path(p).name for p in paths], settings=settings, cancel=flag,
+                        enhance=bool(enhance_prompt),
                         on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"))
                 except Cancelled as e:
                     raise gr.Error(f"Cancelled: {e}", print_exception=False) from None
@@ -206,7 +211,7 @@ def build_demo(runner: Runner, *, examples: bool = True) -> gr.Blocks:
             trigger(show_preview, [refs, height, width], preview, **previews)
         demo.load(show_preview, [refs, height, width], preview, **previews)
         done = run.click(arm, None, None, **private).then(
-            generate, [prompt, refs, seed, negative, height, width, frames, steps, guidance, fps],
+            generate, [prompt, refs, seed, negative, height, width, frames, steps, guidance, fps, enhance],
             [video, sidecar], api_name="generate", concurrency_limit=1)
         done.success(remember, [sidecar, history], [table, history, seed_used], **private)
         stop.click(cancel, None, None, **private)

@@ -13,7 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from kaleido_s2v.cli.options import add_dtype, add_memory_options, add_overwrite, add_quiet
+from kaleido_s2v.cli.options import (
+    ENHANCER_FLAGS,
+    add_dtype,
+    add_enhancer_options,
+    add_memory_options,
+    add_overwrite,
+    add_quiet,
+)
 from kaleido_s2v.errors import UserInputError
 
 DEFAULT_OUTPUT_DIR = "kaleido_app_outputs"
@@ -55,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="step caching (magcache: the model folder's calibration; the steps are then fixed)")
     f.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
     f.add_argument("--attention-backend", metavar="NAME", help="diffusers attention backend (default: native SDPA)")
+    add_enhancer_options(parser).description = ("with an enhancer, the page offers \"Enhance the prompt first\" "
+                                                "and /generate takes enhance_prompt=True")
     add_quiet(parser, "no start-up notes")
 
 
@@ -115,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
                          attention_backend=args.attention_backend, loras=args.lora, compile=args.compile,
                          cpu_offload=args.cpu_offload, group_offload=args.group_offload, vae_tiling=args.vae_tiling,
                          layerwise_fp8=args.layerwise_fp8)
+    if any(getattr(args, name) is not None for name in ENHANCER_FLAGS):
+        from kaleido_s2v.cli.options import enhancer_from_args
+
+        options.enhancer, options.enhancer_system = enhancer_from_args(args)
     runner = Runner(options)
     if not is_loopback(args.host) and auth is None:
         print(f"kaleido-s2v app: warning: --host {args.host} serves this page, and the GPU behind it, to every "
