@@ -7,7 +7,9 @@ CPU (default), a small config:
 GPU (`--real`, needs CUDA): the 14B config with random bf16 weights at 512x896, 81 frames, 3 references:
 seconds per forward, peak memory, achieved TFLOP/s against the counted FLOPs.
 
-    python benchmarks/bench_transformer.py [--repeats 15] [--real]
+    python benchmarks/bench_transformer.py [--repeats 15] [--threads 1] [--callgrind] [--real]
+
+--callgrind counts instructions instead (valgrind, one thread): load-independent, for overheads of a few percent.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import statistics
 import time
 
 import torch
-from diffusers import WanTransformer3DModel
 
 from kaleido_s2v import KaleidoTransformer3DModel
 
@@ -55,34 +56,71 @@ def interleaved(fns: dict, repeats: int, sync=lambda: None) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-@torch.no_grad()
+# The CPU cases, as code: run in this process for timings, or in callgrind's own process for instruction counts.
+CPU_SETUP = f"""
+import torch
+from diffusers import WanTransformer3DModel
+from kaleido_s2v import KaleidoTransformer3DModel
+torch.set_grad_enabled(False)
+torch.manual_seed(0)
+wan = WanTransformer3DModel(**{SMALL!r}).eval()
+# one model per geometry, as in a real run (every step repeats its video's geometry, so the positions and their
+# cos/sin are computed once per video); each case below reruns the same geometry
+kal = KaleidoTransformer3DModel(**{SMALL!r}).eval()
+kal.load_state_dict(wan.state_dict(), strict=True)
+kal_refs = KaleidoTransformer3DModel(**{SMALL!r}).eval()
+kal_refs.load_state_dict(wan.state_dict(), strict=True)
+T, H, W, N = 4, 16, 24, 3
+x = torch.randn(1, 16, T, H, W)
+x_long = torch.randn(1, 16, T + N, H, W)
+refs = torch.randn(1, 16, N, H, W)
+t = torch.tensor([500.0])
+text = torch.randn(1, 64, 64)
+"""
+CPU_CASES = {
+    "wan": "wan(x, t, text)",
+    "kaleido_0ref": "kal(x, t, text)",
+    "wan_T+3": "wan(x_long, t, text)",
+    "kaleido_3ref": "kal_refs(x, t, text, reference_latents=refs)",
+}
+
+
+def print_ratios(per_forward: dict, what: str) -> None:
+    print(f"ratio 0 refs / Wan                       : {per_forward['kaleido_0ref'] / per_forward['wan']:.3f}x {what}"
+          "  (expect <= 1.03)")
+    print(f"ratio 3 refs / Wan with same token count : {per_forward['kaleido_3ref'] / per_forward['wan_T+3']:.3f}x "
+          f"{what}  (expect <= 1.03)")
+
+
 def cpu(repeats: int) -> None:
-    torch.manual_seed(0)
-    wan = WanTransformer3DModel(**SMALL).eval()
-    kal = KaleidoTransformer3DModel(**SMALL).eval()
-    kal.load_state_dict(wan.state_dict(), strict=True)
-    T, H, W, N = 4, 16, 24, 3
-    x = torch.randn(1, 16, T, H, W)
-    x_long = torch.randn(1, 16, T + N, H, W)
-    refs = torch.randn(1, 16, N, H, W)
-    t = torch.tensor([500.0])
-    text = torch.randn(1, 64, 64)
-    med = interleaved(
-        {
-            "wan": lambda: wan(x, t, text),
-            "kaleido_0ref": lambda: kal(x, t, text),
-            "wan_T+3": lambda: wan(x_long, t, text),
-            "kaleido_3ref": lambda: kal(x, t, text, reference_latents=refs),
-        },
-        repeats,
-    )
-    tokens = T * (H // 2) * (W // 2)
+    scope: dict = {}
+    exec(CPU_SETUP, scope)
+    calls = {k: compile(stmt, k, "eval") for k, stmt in CPU_CASES.items()}
+    med = interleaved({k: (lambda c=c: eval(c, scope)) for k, c in calls.items()}, repeats)
+    T, H, W, N = (scope[k] for k in "THWN")
     print(f"CPU, {torch.get_num_threads()} threads, config {SMALL['num_layers']} layers x {4 * 32} wide, "
-          f"{tokens} video tokens, {N} refs of {(H // 2) * (W // 2)} tokens; median of {repeats}")  # fmt: skip
+          f"{T * (H // 2) * (W // 2)} video tokens, {N} refs of {(H // 2) * (W // 2)} tokens; median of {repeats}")
     for k, v in med.items():
         print(f"  {k:14s} {v * 1e3:8.2f} ms")
-    print(f"ratio 0 refs / Wan                       : {med['kaleido_0ref'] / med['wan']:.3f}x  (expect <= 1.03)")
-    print(f"ratio 3 refs / Wan with same token count : {med['kaleido_3ref'] / med['wan_T+3']:.3f}x  (expect <= 1.03)")
+    print_ratios(med, "time")
+
+
+def callgrind(number: int) -> None:
+    """Instructions per forward under valgrind's callgrind (torch.utils.benchmark): one thread, the same count
+    whatever else the machine runs, so small overheads show on a busy machine where timings are noise."""
+    import os
+    import sys
+
+    from torch.utils.benchmark import Timer
+
+    # the Timer runs `python` from PATH in a child process: make it this interpreter's (the virtualenv's)
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    counts = {}
+    for k, stmt in CPU_CASES.items():
+        stats = Timer(stmt, setup=CPU_SETUP, num_threads=1).collect_callgrind(number=number, collect_baseline=False)
+        counts[k] = stats.counts(denoise=True) / number
+        print(f"  {k:14s} {counts[k] / 1e6:10.1f} M instructions per forward", flush=True)
+    print_ratios(counts, "instructions")
 
 
 @torch.no_grad()
@@ -118,7 +156,14 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--real", action="store_true", help="the 14B config on a CUDA GPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
+    parser.add_argument("--callgrind", action="store_true", help="count instructions per forward under valgrind "
+                        "(needs valgrind; minutes; steady on a busy machine) instead of timing")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    real(args.repeats) if args.real else cpu(args.repeats)
+    if args.real:
+        real(args.repeats)
+    elif args.callgrind:
+        callgrind(number=3)
+    else:
+        cpu(args.repeats)

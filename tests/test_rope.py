@@ -111,3 +111,15 @@ def test_no_table_spans_the_position_range():
     rope = KaleidoRotaryPosEmbed(12)
     cos, sin = rope(torch.tensor([[-(10**12), 0, 0], [10**12, 3, 2]]))
     assert cos.shape == (1, 2, 1, 12) and torch.isfinite(cos).all() and torch.isfinite(sin).all()
+
+
+def test_cos_sin_are_reused_for_the_same_positions_only():
+    rope = KaleidoRotaryPosEmbed(12)
+    positions = token_positions((2, 3, 4), [(3, 4)])
+    first = rope(positions)
+    assert rope(positions) is first  # the same tensor again: the cached pair itself
+    positions[0, 1] += 1  # changed in place: recomputed
+    changed = rope(positions)
+    expected = KaleidoRotaryPosEmbed(12)(positions.clone())
+    assert changed is not first  # and the recomputed pair is exactly a fresh module's (same arithmetic):
+    assert all(torch.equal(a, b) for a, b in zip(changed, expected))

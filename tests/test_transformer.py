@@ -131,6 +131,32 @@ def test_references_of_different_sizes():
     assert (expected - got).abs().max().item() <= 1e-5
 
 
+def test_one_convolution_for_video_sized_references_equals_one_per_reference():
+    # The fast path (references concatenated to the video on time, one patch embedding) against embedding each
+    # reference and the video separately, as the general path does.
+    _, kal = make_pair()
+    x, _, _ = inputs()
+    refs = [torch.randn(1, 16, 1, 8, 6), torch.randn(2, 16, 1, 8, 6)]
+    with torch.no_grad():
+        fast = kal._tokens(refs, x)
+        separate = torch.cat([kal._embed(r.expand(2, -1, -1, -1, -1)) for r in refs] + [kal._embed(x)], dim=1)
+    assert fast.shape == separate.shape == (2, 2 * 12 + 3 * 12, kal.config.num_attention_heads * 12)
+    assert (fast - separate).abs().max().item() <= 1e-5  # fp32; the convolution's blocking may differ
+
+
+def test_position_cache_follows_the_geometry():
+    # One model run over changing reference sets equals fresh models run once each (the caches never serve a
+    # stale geometry).
+    _, kal = make_pair()
+    x, t, text = inputs()
+    cases = [None, [torch.randn(1, 16, 1, 8, 6)], [torch.randn(1, 16, 1, 4, 4)] * 2, None]
+    with torch.no_grad():
+        reused = [kal(x, t, text, reference_latents=refs).sample for refs in cases]
+        fresh = [make_pair()[1](x, t, text, reference_latents=refs).sample for refs in cases]
+    for a, b in zip(reused, fresh):
+        assert torch.equal(a, b)  # exact: same weights, same inputs, same code path; only the caches differ
+
+
 def test_gradients_reach_the_reference_latents():
     _, kal = make_pair()
     x, t, text = inputs()

@@ -86,6 +86,7 @@ class KaleidoRotaryPosEmbed(nn.Module):
         self.theta = theta
         self.h_dim = self.w_dim = 2 * (attention_head_dim // 6)
         self.t_dim = attention_head_dim - self.h_dim - self.w_dim
+        self._cache = None  # (positions, its version, (cos, sin)) of the last call
 
     def _axis(self, pos: torch.Tensor, dim: int, freqs_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles for the distinct positions only (a few hundred at most), then gathered per token.
@@ -100,8 +101,15 @@ class KaleidoRotaryPosEmbed(nn.Module):
         """positions (L, 3) int -> (cos, sin), each (1, L, 1, attention_head_dim) float32."""
         if positions.ndim != 2 or positions.shape[-1] != 3:
             raise ValueError(f"positions must have shape (L, 3), got {tuple(positions.shape)}")
+        # The transformer hands the same positions tensor at every step of a video: reuse its cos/sin (a one-slot
+        # cache by identity and version, so an in-place change or a new tensor recomputes).
+        cached = self._cache
+        if cached is not None and cached[0] is positions and cached[1] == positions._version:
+            return cached[2]
         freqs_dtype = torch.float32 if positions.device.type == "mps" else torch.float64
         parts = [self._axis(positions[:, a], d, freqs_dtype) for a, d in enumerate((self.t_dim, self.h_dim, self.w_dim))]
         cos = torch.cat([c for c, _ in parts], dim=1)
         sin = torch.cat([s for _, s in parts], dim=1)
-        return cos[None, :, None, :], sin[None, :, None, :]
+        out = cos[None, :, None, :], sin[None, :, None, :]
+        self._cache = (positions, positions._version, out)
+        return out

@@ -166,6 +166,7 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
 
         self.gradient_checkpointing = False
+        self._positions_cache = None  # (geometry, positions) of the last forward: see `_positions`
 
     # ------------------------------------------------------------------ references
     def _reference_list(self, reference_latents: ReferenceLatents, hidden_states: torch.Tensor) -> list[torch.Tensor]:
@@ -201,6 +202,31 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
     def _embed(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, T*H'*W', D) tokens, raster order."""
         return self.patch_embedding(latents).flatten(2).transpose(1, 2)
+
+    def _tokens(self, refs: list[torch.Tensor], video: torch.Tensor) -> torch.Tensor:
+        """[ref_0 | ... | ref_{N-1} | video] tokens (B, L, D).
+
+        References of the video's spatial size (the pipelines fit them so) are concatenated to the video on the
+        time axis and embedded by one convolution: with a temporal patch of 1 that is the same token order and
+        saves a convolution and a (B, L, D) concatenation per reference at every step. Other sizes are embedded
+        one by one. Contiguous, as diffusers' Wan makes its tokens before the blocks (a transposed view costs a copy
+        and slower elementwise kernels in every block)."""
+        if not refs:
+            return self._embed(video).contiguous()
+        batch = video.shape[0]
+        refs = [r.to(video.dtype).expand(batch, -1, -1, -1, -1) for r in refs]
+        if all(r.shape[3:] == video.shape[3:] for r in refs):
+            return self._embed(torch.cat([*refs, video], dim=2)).contiguous()
+        return torch.cat([self._embed(x) for x in [*refs, video]], dim=1)
+
+    def _positions(self, video_grid: tuple[int, int, int], ref_grids: list[tuple[int, int]], device) -> torch.Tensor:
+        """`token_positions` of this geometry, kept while the geometry stays (every step of a video): the same
+        tensor object lets `KaleidoRotaryPosEmbed` return its cos/sin without recomputing them."""
+        key = (video_grid, tuple(ref_grids), self.config.ref_rope, self.config.ref_rope_offset, device)
+        cached = self._positions_cache
+        if cached is None or cached[0] != key:
+            cached = self._positions_cache = (key, token_positions(video_grid, ref_grids, *key[2:]))
+        return cached[1]
 
     def _gather_context_parallel(self, hidden_states: torch.Tensor, seq_len: int) -> torch.Tensor:
         """Under context parallelism, gather the token shards back into the full (B, L, D) sequence."""
@@ -241,14 +267,9 @@ class KaleidoTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Cache
         refs = self._reference_list(reference_latents, hidden_states)
         ref_grids = [(r.shape[3] // p_h, r.shape[4] // p_w) for r in refs]
         num_ref_tokens = sum(h * w for h, w in ref_grids)
-        positions = token_positions(
-            (ppf, pph, ppw), ref_grids, self.config.ref_rope, self.config.ref_rope_offset, hidden_states.device
-        )
+        positions = self._positions((ppf, pph, ppw), ref_grids, hidden_states.device)
         rotary_emb = self.rope(positions)  # 2 x (1, L, 1, head_dim)
-
-        tokens = [self._embed(r.to(hidden_states.dtype)).expand(batch_size, -1, -1) for r in refs]
-        tokens.append(self._embed(hidden_states))
-        hidden_states = torch.cat(tokens, dim=1).contiguous()  # (B, L, D)
+        hidden_states = self._tokens(refs, hidden_states)  # (B, L, D)
 
         # 2. Time and text conditioning (shared by reference and video tokens)
         temb, timestep_proj, encoder_hidden_states, _ = self.condition_embedder(timestep, encoder_hidden_states)
