@@ -139,15 +139,24 @@ def test_a_huge_upload_is_refused_and_the_next_request_works(app, client, bad_fi
     generate(client, steps=1, frames=1)
 
 
+def _long_job(client):
+    """A 100-step run submitted from `client` (long enough to cancel), and the deadline of the waits on it."""
+    job = client.submit(prompt=PROMPT, references=None, steps=100, frames=17, height=128, width=128,
+                        api_name="/generate")
+    return job, time.time() + 30
+
+
+def wait_until(condition, job, deadline) -> None:
+    while not condition():
+        assert time.time() < deadline and not job.done()
+        time.sleep(0.05)
+
+
 def test_cancel_stops_a_run_between_steps_and_the_next_one_works(app, client):
     runner, _ = app
     before = sorted(runner.output_dir.iterdir())
-    job = client.submit(prompt=PROMPT, references=None, steps=100, frames=17, height=128, width=128,
-                        api_name="/generate")
-    deadline = time.time() + 30
-    while not runner.cancels.cancel(client.session_hash):  # as the page's Cancel button: this session's runs
-        assert time.time() < deadline and not job.done()
-        time.sleep(0.05)
+    job, deadline = _long_job(client)
+    wait_until(lambda: runner.cancels.cancel(client.session_hash), job, deadline)  # as the page's Cancel button
     with pytest.raises(client_lib.exceptions.AppError, match=r"Cancelled: cancelled (after step \d+ of 100|before)"):
         job.result(timeout=60)
     assert sorted(runner.output_dir.iterdir()) == before
@@ -157,12 +166,8 @@ def test_cancel_stops_a_run_between_steps_and_the_next_one_works(app, client):
 def test_a_client_cancel_frees_the_device(app, client):
     runner, _ = app
     before = sorted(runner.output_dir.iterdir())
-    job = client.submit(prompt=PROMPT, references=None, steps=100, frames=17, height=128, width=128,
-                        api_name="/generate")
-    deadline = time.time() + 30
-    while not runner.busy:
-        assert time.time() < deadline and not job.done()
-        time.sleep(0.05)
+    job, deadline = _long_job(client)
+    wait_until(lambda: runner.busy, job, deadline)
     job.cancel()
     while runner.busy:  # the run stops at its next step, not after 100
         assert time.time() < deadline

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserInputError, check_at_least, check_seed
+from .errors import UserInputError, check_at_least, check_seed, check_text
 from .fileio import claim_file, file_signed_by, path_text, write_text_atomic
 
 MADE_BY = "kaleido-s2v generate"  # the signature of every sidecar and manifest: a rerun may replace what carries it
@@ -210,16 +210,6 @@ def resolve_settings(flags: dict[str, Any], defaults: dict[str, Any], size_multi
     return settings, fps
 
 
-def _check_text(text: str | None, what: str) -> None:
-    """Text goes into the tokenizer and the JSON sidecar: it must be valid Unicode (argv may carry raw bytes)."""
-    if text is None:
-        return
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserInputError(f"{what} is not valid UTF-8 text: write it in UTF-8") from None
-
-
 def claim_video(path: Path, flag: str, overwrite: bool, inputs) -> None:
     """A video and its .json sidecar may be written: both new, a pair this command wrote, or --overwrite."""
     sidecar = path.with_suffix(".json")
@@ -241,8 +231,8 @@ def prepare_case(case: Case, settings: dict, *, max_references: int, builtin: bo
 
     single = case.source == "--prompt"
     ref_flag = "--ref" if single else f"{case.source}: reference"
-    _check_text(case.prompt, "--prompt" if single else f"{case.source}: the prompt")
-    _check_text(case.negative_prompt, "--negative-prompt" if single else f"{case.source}: the negative prompt")
+    check_text(case.prompt, "--prompt" if single else f"{case.source}: the prompt")
+    check_text(case.negative_prompt, "--negative-prompt" if single else f"{case.source}: the negative prompt")
     if case.prompt.strip() and not case.references and not builtin:
         raise UserInputError(f"{case.source}: no reference image: give at least one (--ref IMAGE)")
     check_request(case.prompt, case.negative_prompt, len(case.references), max_references,

@@ -26,3 +26,13 @@ def check_at_least(value, flag: str, minimum: float = 1, hint: str = ""):
     if value is not None and not (math.isfinite(value) and value >= minimum):
         raise UserInputError(f"{flag} {value}: must be at least {minimum}{f' ({hint})' if hint else ''}")
     return value
+
+
+def check_text(text: str | None, what: str) -> None:
+    """Text goes into the tokenizer and the JSON sidecar: it must be valid Unicode (argv may carry raw bytes)."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserInputError(f"{what} is not valid UTF-8 text: write it in UTF-8") from None

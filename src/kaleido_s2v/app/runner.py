@@ -124,12 +124,8 @@ class Runner:
         check_run_options(self.device, cpu_offload=o.cpu_offload, group_offload=o.group_offload,
                           attention_backend=o.attention_backend, loras=o.loras)
         self.model = choose_model(o.model, o.sampler)  # as `generate`: the same defaults, the same sampler
-        self.builtin, self.folder, self.family = self.model.builtin, self.model.folder, self.model.family
         self.max_references = self.family.max_references if o.max_references is None else o.max_references
         check_at_least(self.max_references, "--max-references", 1)
-        self.defaults = self.model.defaults
-        self.extra_settings: dict[str, Any] = dict(self.model.pipeline_options)
-        self.size_multiple = self.model.size_multiple
         self.mag_ratios = (magcache_ratios(self.model, self.defaults["num_inference_steps"]) if o.cache == "magcache"
                            else None)
         d = self.defaults
@@ -139,7 +135,6 @@ class Runner:
                              max_frames=MAX_SCALE * (d["num_frames"] - 1) + 1,
                              max_steps=max(100, MAX_SCALE * d["num_inference_steps"]),
                              fixed_steps=d["num_inference_steps"] if o.cache == "magcache" else None)
-        self.model_name = self.model.name
         self.output_dir = Path(o.output_dir)
         self.pipe = None
         self._count_tokens = None  # the video model's tokenizer, counting an enhanced prompt's tokens
@@ -148,6 +143,14 @@ class Runner:
         self._device_lock = threading.Lock()  # one generation on the device, whatever the queue does
         self._names = threading.Lock()
         self._counter = itertools.count(1)
+
+    # what the model is (`generation.GenerationModel`), under the names the page uses
+    builtin = property(lambda self: self.model.builtin)
+    folder = property(lambda self: self.model.folder)
+    family = property(lambda self: self.model.family)
+    defaults = property(lambda self: self.model.defaults)
+    size_multiple = property(lambda self: self.model.size_multiple)
+    model_name = property(lambda self: self.model.name)
 
     # ------------------------------------------------------------------------------------------------ loading
     def load(self) -> float:
@@ -196,7 +199,7 @@ class Runner:
                      guidance_scale=guidance, max_sequence_length=None, fps=fps)
         settings, fps = resolve_settings(flags, self.defaults, self.size_multiple, self.family.min_frames)
         self.check_limits(settings)
-        settings.update(self.extra_settings)
+        settings.update(self.model.pipeline_options)
         return settings, fps
 
     def next_output(self) -> Path:

@@ -20,6 +20,7 @@ from kaleido_s2v.cli.options import (
     add_memory_options,
     add_overwrite,
     add_quiet,
+    add_speed_options,
 )
 from kaleido_s2v.errors import UserInputError
 
@@ -55,13 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--max-references", type=int, help="refuse more references than this (default: the model's)")
     add_memory_options(m)
     f = parser.add_argument_group("speed (as `generate`; applied once, for every request)")
-    f.add_argument("--sampler", choices=("official", "distill"), default="official",
-                   help="distill: the 4-step grid of Wan2.1 distillation LoRAs (with --lora)")
-    f.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file, repeatable")
-    f.add_argument("--cache", choices=APP_CACHE_MODES, default="none",
-                   help="step caching (magcache: the model folder's calibration; the steps are then fixed)")
-    f.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks")
-    f.add_argument("--attention-backend", metavar="NAME", help="diffusers attention backend (default: native SDPA)")
+    add_speed_options(f, APP_CACHE_MODES)  # magcache-calibrate writes the model folder: generate's alone
     add_enhancer_options(parser).description = ("with an enhancer, the page offers \"Enhance the prompt first\" "
                                                 "and /generate takes enhance_prompt=True")
     add_quiet(parser, "no start-up notes")

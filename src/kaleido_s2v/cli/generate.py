@@ -19,6 +19,7 @@ from kaleido_s2v.cli.options import (
     add_memory_options,
     add_overwrite,
     add_quiet,
+    add_speed_options,
 )
 from kaleido_s2v.errors import UserInputError, check_at_least, check_seed
 
@@ -84,20 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dtype(d, ("auto", *DTYPES), "auto", "auto: bf16 on CUDA, fp32 on CPU")
     add_memory_options(d)
     f = parser.add_argument_group("speed (docs/generate.md#speed)")
-    f.add_argument("--sampler", choices=("official", "distill"), default="official",
-                   help="official (the release's grid) or distill: 4 steps, shift 5, no CFG, as Wan2.1 step-"
-                   "distillation LoRAs (LightX2V) expect (Kaleido models; --steps/--guidance still apply)")
-    f.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="LoRA file (.safetensors; diffusers/PEFT, original Wan (LightX2V, CausVid) or kohya keys), "
-                   "repeatable, each with its scale (default 1)")
     from kaleido_s2v.speed import CACHE_MODES
 
-    f.add_argument("--cache", choices=CACHE_MODES, default="none", help="step caching through diffusers' hooks: fbcache (First Block Cache, threshold "
-                   "0.05), taylorseer (lite), magcache (needs one run of magcache-calibrate for this sampler and step "
-                   "count: it stores the ratios in the model folder); the sidecar counts the forwards computed and cached")
-    f.add_argument("--compile", action="store_true", help="torch.compile the repeated transformer blocks (regional)")
-    f.add_argument("--attention-backend", metavar="NAME",
-                   help="diffusers attention backend (native, flash, _flash_3, sage, flex, ...); default: native SDPA")
+    add_speed_options(f, CACHE_MODES)
     d.add_argument("--text-encoder-device", choices=("gpu", "cpu"), default="gpu",
                    help="where the prompts are encoded before the transformer loads: gpu (the --device; the text "
                    "encoder is freed afterwards) or cpu (as the releases' --t5_cpu)")

@@ -78,6 +78,28 @@ def add_memory_options(group) -> None:
                        help="store transformer weights in fp8, compute in bf16")
 
 
+def add_speed_options(group, cache_choices) -> None:
+    """The speed flags of every command that loads a video model (docs/generate.md#speed); `cache_choices`: the
+    --cache modes that command offers."""
+    from ..generation import SAMPLERS
+
+    group.add_argument("--sampler", choices=SAMPLERS, default="official",
+                       help="official (the release's grid) or distill: 4 steps, shift 5, no CFG, as Wan2.1 step-"
+                       "distillation LoRAs (LightX2V) expect (Kaleido models; --steps/--guidance still apply)")
+    group.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="LoRA file (.safetensors; diffusers/PEFT, original Wan (LightX2V, CausVid) or kohya "
+                       "keys), repeatable, each with its scale (default 1)")
+    group.add_argument("--cache", choices=cache_choices, default="none",
+                       help="step caching through diffusers' hooks: fbcache (First Block Cache, threshold 0.05), "
+                       "taylorseer (lite), magcache (needs one run of magcache-calibrate for this sampler and step "
+                       "count: it stores the ratios in the model folder); the sidecar counts the forwards computed "
+                       "and cached")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the repeated transformer blocks (regional)")
+    group.add_argument("--attention-backend", metavar="NAME", help="diffusers attention backend (native, flash, "
+                       "_flash_3, sage, flex, ...); default: native SDPA")
+
+
 ENHANCER_FLAGS = ("enhancer", "enhancer_url", "enhancer_model", "enhancer_text_only", "enhancer_seed",
                   "enhancer_device", "enhancer_max_tokens", "enhancer_timeout", "enhancer_retries", "enhancer_system")
 

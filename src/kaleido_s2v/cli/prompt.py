@@ -12,7 +12,7 @@ import json
 import time
 
 from kaleido_s2v.cli.options import add_enhancer_options, add_quiet
-from kaleido_s2v.errors import UserInputError
+from kaleido_s2v.errors import UserInputError, check_text
 
 IMPORTS = ("torch", "transformers")
 
@@ -48,10 +48,7 @@ def run(args: argparse.Namespace) -> int:
         hide_library_progress()
     if not args.prompt.strip():
         raise UserInputError("--prompt: the prompt is empty: describe the video to generate")
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UserInputError("--prompt is not valid UTF-8 text: write it in UTF-8") from None
+    check_text(args.prompt, "--prompt")
     enhancer, system = enhancer_from_args(args)
     images = enhancer_images(args.ref, "--ref")  # every reference checked before a model loads
     count, limit = tokenizer_counter(None), DEFAULT_LIMIT
